@@ -1,0 +1,153 @@
+"""libet_int4: finding, loading and calling the shim library from a PyTorch process.
+
+The library leaves the ``aoti_torch_*`` functions undefined; they resolve against whatever process
+loads it (libtorch here, ExecuTorch's CUDA runtime inside ``executor_runner``). ``load()`` therefore
+makes libtorch's symbols global before opening it, and opens it ``RTLD_GLOBAL`` so that AOTInductor
+code compiled against ``aoti_torch_cuda_et_int4_plain_mm`` finds it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ShimError",
+    "header_path",
+    "library_path",
+    "load",
+    "plain_mm",
+    "shim_gemm_max_m",
+]
+
+LIBRARY_ENV = "ET_INT4_LIBRARY"
+_LIBRARY_NAME = "libet_int4.so"
+_HANDLE = ctypes.c_void_p
+_HERE = Path(__file__).resolve().parent
+
+
+class ShimError(RuntimeError):
+    """A call into libet_int4 returned an error; the message is the shim's own."""
+
+
+def header_path() -> Path:
+    """The C header that declares the ABI and defines the default ``ET_INT4_SHIM_GEMM_MAX_M``."""
+    return _HERE / "et_int4_shim.h"
+
+
+def library_path() -> Path | None:
+    """The shim library to load (for ``LD_PRELOAD`` too), or None when none is built.
+
+    ``$ET_INT4_LIBRARY`` overrides the installed one (a library built with other options).
+    """
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"${LIBRARY_ENV} names {override}, which is not a file")
+        return path
+    # A wheel installs the library next to this file; an editable install keeps this file in the
+    # source tree and the library under site-packages, so look through every package location.
+    import et_int4.runtime as pkg
+
+    for location in pkg.__spec__.submodule_search_locations or ():
+        candidate = Path(location) / _LIBRARY_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _header_default() -> int:
+    text = header_path().read_text()
+    match = re.search(r"^#define\s+ET_INT4_SHIM_GEMM_MAX_M\s+(\d+)\s*$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{header_path()} defines no ET_INT4_SHIM_GEMM_MAX_M")
+    return int(match.group(1))
+
+
+@functools.cache
+def _libtorch() -> ctypes.CDLL:
+    """libtorch, reopened RTLD_GLOBAL: ctypes binds immediately and `import torch` opened it local."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    if torch.version.cuda and (lib_dir / "libtorch_cuda.so").is_file():
+        ctypes.CDLL(str(lib_dir / "libtorch_cuda.so"), mode=os.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(lib_dir / "libtorch_cpu.so"), mode=os.RTLD_GLOBAL)
+    lib.aoti_torch_delete_tensor_object.argtypes = [_HANDLE]
+    lib.aoti_torch_delete_tensor_object.restype = ctypes.c_int32
+    return lib
+
+
+_ENTRY_ARGTYPES = [_HANDLE, _HANDLE, _HANDLE, _HANDLE, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.POINTER(_HANDLE)]
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """Open the shim library once per process; raises if none is built."""
+    path = library_path()
+    if path is None:
+        raise ShimError(
+            f"{_LIBRARY_NAME} is not built: reinstall et-int4 with "
+            "`pip install --no-build-isolation .` (needs cmake and a C++ compiler; nvcc for CUDA), "
+            f"or point ${LIBRARY_ENV} at a built library"
+        )
+    _libtorch()
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
+    for device in ("cpu", "cuda"):
+        fn = getattr(lib, f"aoti_torch_{device}_et_int4_plain_mm")
+        fn.argtypes = _ENTRY_ARGTYPES
+        fn.restype = ctypes.c_int32
+    lib.et_int4_shim_gemm_max_m.restype = ctypes.c_int64
+    lib.et_int4_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def shim_gemm_max_m() -> int:
+    """``SHIM_GEMM_MAX_M`` of the built library, or the header's default when none is built."""
+    if library_path() is None:
+        return _header_default()
+    return int(load().et_int4_shim_gemm_max_m())
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule_new.restype = ctypes.py_object
+
+
+def call_entry(device: str, handles: list, group_size: int, max_m: int):
+    """Call ``aoti_torch_<device>_et_int4_plain_mm`` on raw AOTI handles (None for a null handle).
+
+    Returns ``(code, output_tensor_or_None, message)``; for the ABI tests, which pass bad handles.
+    """
+    lib = load()
+    out = _HANDLE()
+    code = getattr(lib, f"aoti_torch_{device}_et_int4_plain_mm")(
+        *handles, ctypes.c_int64(group_size), ctypes.c_int64(max_m), ctypes.byref(out))
+    if code != 0:
+        return code, None, lib.et_int4_last_error().decode()
+    result = torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(_capsule_new(out.value, None, None))
+    return code, result, ""
+
+
+def plain_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             group_size: int, max_m: int) -> torch.Tensor:
+    """Run the shim's entry point for ``x.device`` on tensors: the eager path of the op."""
+    capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x, qdata, scale, zero])
+    handles = [_capsule_pointer(c, None) for c in capsules]
+    try:
+        code, result, message = call_entry(x.device.type, handles, group_size, max_m)
+    finally:
+        for h in handles:
+            _libtorch().aoti_torch_delete_tensor_object(h)
+    if code != 0:
+        raise ShimError(message or f"et_int4 shim failed with code {code}")
+    return result

@@ -1,0 +1,57 @@
+// et_int4: the C ABI that AOTInductor-generated code calls for torch.ops.et_int4.et_int4_plain_mm.
+//
+// AOTInductor names the C function after the op (`et_int4::et_int4_plain_mm` ->
+// `aoti_torch_cuda_et_int4_plain_mm`); the `et_int4_` prefix keeps it clear of ExecuTorch's own
+// `aoti_torch_cuda_int4_plain_mm`. The library calls only the AOTI functions that every ExecuTorch
+// CUDA runtime defines (shared/executorch-abi/safe_subset.txt), resolved from the host process.
+#pragma once
+
+#include <stdint.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+
+// Largest row count M the kernels handle. Python reads the built library's value through
+// et_int4_shim_gemm_max_m(), or this default when no library is built: keep it the only copy.
+#ifndef ET_INT4_SHIM_GEMM_MAX_M
+#define ET_INT4_SHIM_GEMM_MAX_M 8
+#endif
+
+#if defined(__GNUC__)
+#define ET_INT4_API __attribute__((visibility("default")))
+#else
+#define ET_INT4_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// y[M, N] = x[M, K] @ W^T with W4A8 numerics: activations quantized per 32-element block to
+// int8, int32 block dot products, fp32 accumulation, bf16 output.
+//   self  [M, K]    bfloat16, row-major
+//   qdata [N, K/2]  uint8 (int8 accepted), row-major: low nibble = even k, value = q + 8
+//   scale [N, K/gs] bfloat16, row-major
+//   zero  [N, K/gs] int8, zero point in the +8 domain of qdata
+//   group_size      a multiple of 32 that divides K
+//   max_m           MATVEC_MAX_M at export time: 1 <= M <= max_m <= ET_INT4_SHIM_GEMM_MAX_M
+//   ret0            receives a new [M, N] bfloat16 tensor owned by the caller
+// Returns 0 on success. On bad input nothing runs, the result is non-zero, and one line saying
+// what was expected and what came is printed to stderr and kept for et_int4_last_error().
+ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
+    AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale, AtenTensorHandle zero,
+    int64_t group_size, int64_t max_m, AtenTensorHandle* ret0);
+
+// The same on CPU tensors: the reference path, bit-compatible with the Python reference.
+ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
+    AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale, AtenTensorHandle zero,
+    int64_t group_size, int64_t max_m, AtenTensorHandle* ret0);
+
+// ET_INT4_SHIM_GEMM_MAX_M as this library was built.
+ET_INT4_API int64_t et_int4_shim_gemm_max_m(void);
+
+// The message of the calling thread's last failed call, or "" if it has none.
+ET_INT4_API const char* et_int4_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif

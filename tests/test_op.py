@@ -1,0 +1,99 @@
+"""torch.ops.et_int4.et_int4_plain_mm on CPU: registration, numerics and argument validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import et_int4
+from et_int4 import pack_int4, w4a8_reference
+
+OP = torch.ops.et_int4.et_int4_plain_mm.default
+
+
+def _args(m: int = 3, k: int = 128, n: int = 48, group_size: int = 64, max_m: int = 4):
+    qdata = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n, k // group_size) * 0.05 + 0.001).to(torch.bfloat16)
+    zero_point = torch.randint(-8, 8, scale.shape, dtype=torch.int8)
+    packed = pack_int4(qdata, scale, zero_point)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    return [x, packed.qdata, packed.scale, packed.zero, group_size, max_m]
+
+
+def test_schema() -> None:
+    assert str(OP._schema) == (
+        "et_int4::et_int4_plain_mm(Tensor self, Tensor qdata, Tensor scale, Tensor zero, "
+        "int group_size, int max_m) -> Tensor")
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("qdata_dtype", [torch.uint8, torch.int8])
+def test_opcheck(m: int, qdata_dtype: torch.dtype) -> None:
+    args = _args(m=m)
+    args[1] = args[1].view(qdata_dtype)
+    torch.library.opcheck(OP, tuple(args))
+
+
+@pytest.mark.parametrize("m, max_m", [(1, 1), (3, 4), (8, 8)])
+def test_cpu_is_the_reference(m: int, max_m: int) -> None:
+    args = _args(m=m, max_m=max_m, k=256, group_size=128)
+    y = OP(*args)
+    assert (y.dtype, y.shape) == (torch.bfloat16, (m, 48))
+    assert torch.equal(y, w4a8_reference(*args[:5]))
+
+
+def test_fake_shape() -> None:
+    args = _args(m=2)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        y = OP(*fake)
+    assert (y.dtype, tuple(y.shape), y.device) == (torch.bfloat16, (2, 48), args[0].device)
+
+
+def _replace(index: int, edit):
+    def apply(args: list) -> list:
+        args = list(args)
+        args[index] = edit(args[index])
+        return args
+    return apply
+
+
+# (argument the message must name, edit of valid arguments, pattern the message must match)
+BAD_ARGS = {
+    "self-dtype": ("self", _replace(0, lambda t: t.half()), "bfloat16.*torch.float16"),
+    "self-rank": ("self", _replace(0, lambda t: t[None]), r"2-D.*\(1, 3, 128\)"),
+    "qdata-dtype": ("qdata", _replace(1, lambda t: t.to(torch.int32)), "uint8.*torch.int32"),
+    "qdata-rank": ("qdata", _replace(1, lambda t: t.flatten()), r"2-D.*\(3072,\)"),
+    "qdata-shape": ("qdata", _replace(1, lambda t: t[:, :32]), r"\[48, 64\].*\(48, 32\)"),
+    "scale-dtype": ("scale", _replace(2, lambda t: t.float()), "bfloat16.*torch.float32"),
+    "scale-shape": ("scale", _replace(2, lambda t: t[:40]), r"\[48, 2\].*\(40, 2\)"),
+    "zero-dtype": ("zero", _replace(3, lambda t: t.to(torch.uint8)), "int8.*torch.uint8"),
+    "zero-shape": ("zero", _replace(3, lambda t: t[:, :1]), r"\[48, 2\].*\(48, 1\)"),
+    "group-size-multiple": ("group_size", _replace(4, lambda g: 48), "multiple of 32.*48"),
+    "group-size-divides": ("group_size", _replace(4, lambda g: 96), "divisor of K=128.*96"),
+    "m-zero": ("M", _replace(0, lambda t: t[:0]), "1 <= M <= max_m=4.*M=0"),
+    "m-above-max": ("M", _replace(5, lambda g: 2), "1 <= M <= max_m=2.*M=3"),
+    "max-m-above-shim": ("max_m", _replace(5, lambda g: et_int4.SHIM_GEMM_MAX_M + 1),
+                         "exceeds SHIM_GEMM_MAX_M"),
+    "max-m-zero": ("max_m", _replace(5, lambda g: 0), "at least 1"),
+}
+
+
+@pytest.mark.parametrize("name, edit, pattern", BAD_ARGS.values(), ids=BAD_ARGS.keys())
+@pytest.mark.parametrize("mode", ["cpu", "fake"])
+def test_validation(name: str, edit, pattern: str, mode: str) -> None:
+    args = edit(_args())
+    with pytest.raises(ValueError, match=pattern) as info:
+        if mode == "fake":
+            with FakeTensorMode() as fake_mode:
+                OP(*[fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        else:
+            OP(*args)
+    assert name in str(info.value)
+
+
+def test_row_limit_is_a_dispatch_limit_error() -> None:
+    args = _args(m=5, max_m=4)
+    with pytest.raises(et_int4.DispatchLimitError):
+        OP(*args)

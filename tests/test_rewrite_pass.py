@@ -1,0 +1,194 @@
+"""rewrite_int4_linears on exported torchao int4 models: graph shape, numerics, and what it leaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import et_int4
+from et_int4.backends.cuda.int4.packing import pack_torchao_weight
+from models import MLP, Tied, export, mlp_program, quantized
+
+OP = torch.ops.et_int4.et_int4_plain_mm.default
+DEQUANTIZE = torch.ops.torchao.dequantize_affine.default
+
+
+def _targets(ep: torch.export.ExportedProgram) -> list:
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's numerics for one linear, from the torchao weight."""
+    packed = pack_torchao_weight(weight)
+    y = et_int4.w4a8_reference(x.reshape(-1, x.shape[-1]), packed.qdata, packed.scale, packed.zero,
+                               packed.group_size).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def _rel_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((y.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("shape", [(3,), (1, 4), (2, 2)], ids=str)
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_rewritten_mlp_is_the_reference(shape: tuple[int, ...], asymmetric: bool) -> None:
+    model = quantized(MLP(), asymmetric=asymmetric)
+    x = torch.randn(*shape, 64, dtype=torch.bfloat16)
+    ep = export(model, x)
+    rewritten = et_int4.rewrite_int4_linears(ep)
+
+    targets = _targets(rewritten)
+    assert targets.count(OP) == 2
+    assert DEQUANTIZE not in targets
+    assert torch.ops.export.access_subclass_inner_tensor.default not in targets
+
+    x = torch.randn(*shape, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = rewritten.module()(x)
+        original = ep.module()(x)
+    h = torch.relu(_linear(x, model.up_proj.weight))
+    expected = _linear(h, model.down_proj.weight, model.down_proj.bias)
+    assert y.shape == (*shape, 32)
+    assert torch.equal(y, expected)
+    # W4A8 against the W4A16 dequantize + linear it replaces.
+    assert _rel_error(y, original) < 3e-2
+
+
+def test_signature_state_dict_and_constants() -> None:
+    ep = mlp_program((2,))
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert set(rewritten.state_dict) == {"down_proj.bias"}
+    placeholders = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
+    assert placeholders == [s.arg.name for s in rewritten.graph_signature.input_specs]
+    assert "p_up_proj_weight" not in placeholders and "p_down_proj_weight" not in placeholders
+    assert placeholders[-1] == "x"  # the constants go before the user inputs
+    consts = {k: (v.dtype, tuple(v.shape)) for k, v in rewritten.constants.items()}
+    assert consts == {
+        "up_proj.weight_et_int4_qdata": (torch.uint8, (96, 32)),
+        "up_proj.weight_et_int4_scale": (torch.bfloat16, (96, 2)),
+        "up_proj.weight_et_int4_zero": (torch.int8, (96, 2)),
+        "down_proj.weight_et_int4_qdata": (torch.uint8, (32, 48)),
+        "down_proj.weight_et_int4_scale": (torch.bfloat16, (32, 3)),
+        "down_proj.weight_et_int4_zero": (torch.int8, (32, 3)),
+    }
+    for node in rewritten.graph.nodes:
+        if node.op != "output":
+            assert "val" in node.meta, node
+    assert all(n.meta["nn_module_stack"] for n in rewritten.graph.nodes if n.target == OP)
+
+
+def test_original_is_unchanged() -> None:
+    ep = mlp_program((2,))
+    code, specs, keys = ep.graph_module.code, list(ep.graph_signature.input_specs), set(ep.state_dict)
+    et_int4.rewrite_int4_linears(ep)
+    assert ep.graph_module.code == code
+    assert list(ep.graph_signature.input_specs) == specs
+    assert set(ep.state_dict) == keys and not ep.constants
+
+
+def test_placeholder_named_input() -> None:
+    """nn.Sequential names its argument ``input``, which copying a graph renames."""
+    model = quantized(nn.Sequential(nn.Linear(64, 32)))
+    ep = export(model, torch.randn(1, 64, dtype=torch.bfloat16))
+    assert ep.graph_signature.user_inputs == ("input",)
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert rewritten.graph_signature.user_inputs == ("input",)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert torch.equal(rewritten.module()(x), _linear(x, model[0].weight, model[0].bias))
+
+
+def test_dynamic_m_runs_at_each_size() -> None:
+    model = quantized(MLP())
+    ep = export(model, torch.randn(2, 2, 64, dtype=torch.bfloat16),
+                dynamic_shapes=({0: Dim("b", min=1, max=2), 1: Dim("s", min=1, max=2)},))
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert _targets(rewritten).count(OP) == 2
+    for shape in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+        x = torch.randn(*shape, 64, dtype=torch.bfloat16)
+        h = torch.relu(_linear(x, model.up_proj.weight))
+        expected = _linear(h, model.down_proj.weight, model.down_proj.bias)
+        assert torch.equal(rewritten.module()(x), expected)
+
+
+def test_tied_weight_both_routed() -> None:
+    model = quantized(Tied())
+    a, b = (torch.randn(m, 64, dtype=torch.bfloat16) for m in (1, 3))
+    ep = export(model, a, b)
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    ops = [n for n in rewritten.graph.nodes if n.target == OP]
+    assert len(ops) == 2
+    assert ops[0].args[1:4] == ops[1].args[1:4]  # packed once
+    assert len(rewritten.constants) == 3
+    assert DEQUANTIZE not in _targets(rewritten)
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    remaining = {n.name for n in rewritten.graph.nodes if n.op == "placeholder"}
+    assert not (used & remaining) - {"a", "b"}
+    ya, yb = rewritten.module()(a, b)
+    assert torch.equal(ya, _linear(a, model.first.weight))
+    assert torch.equal(yb, _linear(b, model.second.weight))
+
+
+def test_tied_weight_one_routed_keeps_the_parameter() -> None:
+    model = quantized(Tied())
+    a, b = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
+    ep = export(model, a, b)
+    decisions = et_int4.explain_int4_linears(ep)
+    assert [(d.name, d.routed) for d in decisions] == [("first", True), ("second", False)]
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    targets = _targets(rewritten)
+    assert targets.count(OP) == 1 and targets.count(DEQUANTIZE) == 1
+    weight = next(n for n in rewritten.graph.nodes
+                  if n.op == "placeholder" and n.name.endswith("weight") and n.users)
+    assert rewritten.graph_signature.inputs_to_parameters[weight.name] in rewritten.state_dict
+    ya, yb = rewritten.module()(a, b)
+    ea, eb = ep.module()(a, b)
+    assert torch.equal(ya, _linear(a, model.first.weight))
+    assert torch.equal(yb, eb)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("float32", "bfloat16"),
+    ("group16", "multiple of 32"),
+])
+def test_left_alone_with_a_reason(case: str, reason: str) -> None:
+    if case == "float32":
+        ep = mlp_program((1,), dtype=torch.float32)
+    else:
+        ep = mlp_program((1,), group_size=16)
+    decisions = et_int4.explain_int4_linears(ep)
+    assert len(decisions) == 2
+    assert all(not d.routed and reason in d.reason for d in decisions)
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert OP not in _targets(rewritten)
+    assert str(rewritten.graph) == str(ep.graph)
+
+
+def test_plain_linears_are_not_listed() -> None:
+    model = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    ep = export(model, torch.randn(1, 64, dtype=torch.bfloat16))
+    assert et_int4.explain_int4_linears(ep) == []
+
+
+def test_decision_is_frozen() -> None:
+    decision = et_int4.explain_int4_linears(mlp_program((1,)))[0]
+    assert isinstance(decision, et_int4.Int4LinearDecision)
+    with pytest.raises(AttributeError):
+        decision.routed = False
+
+
+def test_run_decompositions_and_serialization(tmp_path) -> None:
+    model = quantized(MLP())
+    ep = export(model, torch.randn(1, 2, 64, dtype=torch.bfloat16),
+                dynamic_shapes=({1: Dim("s", min=1, max=4)},))
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    decomposed = rewritten.run_decompositions({})
+    assert _targets(decomposed).count(OP) == 2
+    path = tmp_path / "rewritten.pt2"
+    torch.export.save(rewritten, path)
+    loaded = torch.export.load(path)
+    x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    expected = rewritten.module()(x)
+    assert torch.equal(decomposed.module()(x), expected)
+    assert torch.equal(loaded.module()(x), expected)

@@ -24,9 +24,11 @@ namespace {
 constexpr int kBlockK = 32;                 // activation quantization block = one mma k step
 constexpr int kChunkBlocks = 4;             // blocks per 16-byte weight load of one row
 constexpr int kTileRows = 16;               // mma M: weight rows per tile
-constexpr int kTilesPerWarp = 2;            // activation fragments are reused across tiles
+constexpr int kTilesPerWarp = 1;            // >1 reuses activation fragments, at a register cost
 constexpr int kCtaRows = kTileRows * kTilesPerWarp;
 constexpr int kWarps = 8;                   // warps of a CTA split k and reduce through smem
+constexpr int kStages = 2;                  // chunks of weights per warp loaded or in flight
+constexpr int kCtasPerSm = 3;               // occupancy over registers: 65536 / (3 * 256) = 85 each
 constexpr int kColTile = 8;                 // mma N: activation rows per fragment
 constexpr int kQuantThreads = 256;
 
@@ -255,8 +257,9 @@ __device__ __forceinline__ void accumulate_chunk(RowChunk (&w)[kTilesPerWarp][2]
   }
 }
 
+// A second column tile doubles accumulators and fragments: one CTA less per SM, no spills.
 template <int CT, int GPC>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+__global__ void __launch_bounds__(kWarps * 32, CT == 1 ? kCtasPerSm : kCtasPerSm - 1)
 w4a8_gemm(GemmParams p) {
   constexpr int kAcc = kTilesPerWarp * 2 * CT * 2;
   __shared__ float partial[kWarps][kAcc][32];
@@ -268,30 +271,33 @@ w4a8_gemm(GemmParams p) {
   const int chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
 
   float acc[kTilesPerWarp][2][CT][2] = {};
-  RowChunk w[kTilesPerWarp][2];
-  auto load_weights = [&](int chunk) {
+  // A ring of kStages chunks of weights in registers: kStages - 1 stay in flight during the math.
+  // The warp's i-th chunk lives in slot i % kStages; unrolling by kStages keeps slots static.
+  RowChunk w[kStages][kTilesPerWarp][2];
+  auto load_weights = [&](RowChunk (&dst)[kTilesPerWarp][2], int chunk) {
 #pragma unroll
     for (int tile = 0; tile < kTilesPerWarp; ++tile)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        w[tile][h] = load_row_chunk<GPC>(p, row0 + tile * kTileRows + h * 8 + g, chunk, t);
+        dst[tile][h] = load_row_chunk<GPC>(p, row0 + tile * kTileRows + h * 8 + g, chunk, t);
   };
-
-  int chunk = warp;
-  if (chunk < chunks) load_weights(chunk);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s)
+    if (warp + s * kWarps < chunks) load_weights(w[s], warp + s * kWarps);
   // Weights never depend on the previous kernel; the activations do.
   wait_for_prerequisites();
-  for (; chunk < chunks; chunk += kWarps) {
-    RowChunk cur[kTilesPerWarp][2];
+  for (int first = warp; first < chunks; first += kStages * kWarps) {
 #pragma unroll
-    for (int tile = 0; tile < kTilesPerWarp; ++tile)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) cur[tile][h] = w[tile][h];
-    // The next chunk's weights stay in flight during this one's math; the activations are
-    // small, re-read by every CTA and served from L1/L2.
-    if (chunk + kWarps < chunks) load_weights(chunk + kWarps);
-    accumulate_chunk<CT, GPC>(cur, load_act_chunk<CT>(p, chunk, g, t),
-                              blocks - chunk * kChunkBlocks, t, acc);
+    for (int s = 0; s < kStages; ++s) {
+      const int chunk = first + s * kWarps;
+      if (chunk >= chunks) break;
+      const int ahead = chunk + (kStages - 1) * kWarps;
+      if (ahead < chunks) load_weights(w[(s + kStages - 1) % kStages], ahead);
+      // Activations are not prefetched: they are small, re-read by every CTA and served from
+      // L1/L2, and the registers are worth more as occupancy (bench/RESULTS.md, sweep).
+      accumulate_chunk<CT, GPC>(w[s], load_act_chunk<CT>(p, chunk, g, t),
+                                blocks - chunk * kChunkBlocks, t, acc);
+    }
   }
 
   // Reduce the warps' k-slices; thread i then owns output slot i / 32 of lane i % 32.

@@ -1,0 +1,170 @@
+"""The CUDA kernels against the Python reference (GPU only; skipped elsewhere with a reason)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import et_int4
+from et_int4 import runtime
+
+pytestmark = pytest.mark.cuda
+
+SHAPES = [(n, k) for n in (1, 7, 64, 4096, 14336) for k in (32, 256, 4096, 5376)]
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmul():
+    # The reference computes exact int32 block dots with fp32 matmuls: no TF32 there.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator):
+    """Random packed weights with asymmetric zeros, activations with a few large outliers."""
+    dev = "cuda"
+    groups = k // group_size
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev, generator=generator)
+    scale = (torch.rand(n, groups, device=dev, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, device=dev, generator=generator)
+    x = torch.randn(m, k, device=dev, generator=generator)
+    outliers = torch.rand(m, k, device=dev, generator=generator) < 0.01
+    x = torch.where(outliers, x * 50, x).to(torch.bfloat16)
+    return x, qdata, scale, zero
+
+
+def run_op(x, qdata, scale, zero, group_size):
+    return torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, et_int4.SHIM_GEMM_MAX_M)
+
+
+def poison_next_output(m: int, n: int) -> None:
+    """Leave a NaN-filled block of the output's size in the caching allocator, to be reused."""
+    torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+
+
+def assert_matches_reference(out: torch.Tensor, x, qdata, scale, zero, group_size) -> None:
+    ref = et_int4.w4a8_reference(x, qdata, scale, zero, group_size).float()
+    out = out.float()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    # Same numerics up to fp32 summation order: at most about one bf16 rounding apart.
+    tolerance = ref.abs() * 2**-7 + ref.abs().amax() * 1e-3 + 1e-6
+    bad = (out - ref).abs() > tolerance
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs differ; worst at {bad.nonzero()[:4].tolist()}"
+    assert (out - ref).norm() <= 2**-8 * ref.norm()
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matches_reference_for_every_m(n, k, group_size):
+    if k % group_size:
+        pytest.skip(f"group_size {group_size} does not divide K={k}")
+    gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + group_size)
+    for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen)
+        poison_next_output(m, n)
+        out = run_op(x, qdata, scale, zero, group_size)
+        assert_matches_reference(out, x, qdata, scale, zero, group_size)
+
+
+@pytest.mark.parametrize("n,k,group_size", [(300, 4224, 96), (129, 96, 96), (65, 160, 32), (33, 4160, 64)])
+def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
+    # Group sizes that are no power of two and K % 128 != 0 take the per-block scale path.
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    for m in (1, 3, et_int4.SHIM_GEMM_MAX_M):
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen)
+        poison_next_output(m, n)
+        assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
+
+
+def test_all_zero_activation_block_and_int8_qdata():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen)
+    x[1, 64:96] = 0  # d == 0 for that block
+    out = run_op(x, qdata.view(torch.int8), scale, zero, 32)
+    assert_matches_reference(out, x, qdata, scale, zero, 32)
+
+
+def test_cuda_graph_capture_and_replay():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    m, n, k, gs = 5, 4096, 4096, 32
+    x, qdata, scale, zero = random_operands(m, n, k, gs, generator=gen)
+    static_x = x.clone()
+    run_op(static_x, qdata, scale, zero, gs)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run_op(static_x, qdata, scale, zero, gs)
+    for _ in range(3):
+        new_x = random_operands(m, n, k, gs, generator=gen)[0]
+        static_x.copy_(new_x)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(static_out, new_x, qdata, scale, zero, gs)
+
+
+def test_two_streams_run_concurrently_and_correctly():
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    cases = [random_operands(m, 4096, 4096, 128, generator=gen) for m in (3, 8)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    torch.cuda.synchronize()
+    for stream, (x, qdata, scale, zero) in zip(streams, cases):
+        with torch.cuda.stream(stream):
+            outs.append([run_op(x, qdata, scale, zero, 128) for _ in range(4)])
+    torch.cuda.synchronize()
+    for results, (x, qdata, scale, zero) in zip(outs, cases):
+        for out in results:
+            assert_matches_reference(out, x, qdata, scale, zero, 128)
+
+
+def test_bad_input_on_cuda_raises_and_the_process_goes_on():
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    x, qdata, scale, zero = random_operands(2, 64, 256, 32, generator=gen)
+    with pytest.raises(runtime.ShimError, match="expected every tensor on cuda"):
+        runtime.plain_mm(x, qdata.cpu(), scale, zero, 32, 4)
+    with pytest.raises(runtime.ShimError, match="16-byte aligned"):
+        misaligned = torch.empty(64 * 128 + 1, dtype=torch.uint8, device="cuda")[1:].view(64, 128)
+        misaligned.copy_(qdata)
+        runtime.plain_mm(x, misaligned, scale, zero, 32, 4)
+    assert_matches_reference(run_op(x, qdata, scale, zero, 32), x, qdata, scale, zero, 32)
+
+
+SANITIZER_CASE = textwrap.dedent(
+    """
+    import torch, et_int4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m, n, k, gs in ((3, 100, 256, 32), (8, 64, 160, 32), (1, 33, 4224, 96)):
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=g)
+        s = torch.rand(n, k // gs, device="cuda", generator=g).bfloat16()
+        z = torch.randint(0, 16, (n, k // gs), dtype=torch.int8, device="cuda", generator=g)
+        torch.ops.et_int4.et_int4_plain_mm(x, q, s, z, gs, 8)
+    torch.cuda.synchronize()
+    print("sanitizer case done")
+    """
+)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_is_clean(tool):
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    result = subprocess.run(
+        [sanitizer, f"--tool={tool}", "--error-exitcode=9", sys.executable, "-c", SANITIZER_CASE],
+        capture_output=True, text=True, timeout=600,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0 and "sanitizer case done" in report, report
+    summary = {"memcheck": "ERROR SUMMARY: 0 errors", "racecheck": "RACECHECK SUMMARY: 0 hazards"}[tool]
+    assert summary in report, report

@@ -1,0 +1,240 @@
+"""The C ABI of libet_int4 on the CPU: symbols, limits, validation and the reference path."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import et_int4
+from et_int4 import runtime
+
+REPO = Path(__file__).resolve().parents[1]
+SAFE_SUBSET = REPO.parent / "shared" / "executorch-abi" / "safe_subset.txt"
+
+requires_library = pytest.mark.skipif(
+    runtime.library_path() is None, reason="libet_int4 is not built (pip install --no-build-isolation .)")
+
+
+def _handles(tensors):
+    """New AOTI handles for tensors (None stays a null handle); delete them with _delete."""
+    present = [t for t in tensors if t is not None]
+    capsules = iter(torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(present))
+    return [None if t is None else runtime._capsule_pointer(next(capsules), None) for t in tensors]
+
+
+def _delete(handles):
+    for h in handles:
+        if h is not None:
+            runtime._libtorch().aoti_torch_delete_tensor_object(h)
+
+
+def call_abi(device, tensors, group_size, max_m):
+    handles = _handles(tensors)
+    try:
+        return runtime.call_entry(device, handles, group_size, max_m)
+    finally:
+        _delete(handles)
+
+
+def random_operands(m, n, k, group_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).bfloat16()
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).bfloat16()
+    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, generator=g)
+    return x, qdata, scale, zero
+
+
+@requires_library
+def test_library_calls_only_aoti_functions_every_executorch_runtime_has():
+    if not SAFE_SUBSET.is_file():
+        pytest.skip(f"{SAFE_SUBSET} is not beside this checkout")
+    nm = subprocess.run(["nm", "-D", "--undefined-only", str(runtime.library_path())],
+                        capture_output=True, text=True, check=True).stdout
+    used = {line.split()[-1] for line in nm.splitlines() if line.split()[-1].startswith("aoti_torch_")}
+    allowed = set(SAFE_SUBSET.read_text().split())
+    assert used, "the library should call the host's AOTI functions"
+    assert used <= allowed, f"not defined by every ExecuTorch CUDA runtime: {sorted(used - allowed)}"
+
+
+@requires_library
+def test_library_exports_the_abi():
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(runtime.library_path())],
+                        capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines()}
+    assert {"aoti_torch_cuda_et_int4_plain_mm", "aoti_torch_cpu_et_int4_plain_mm",
+            "et_int4_shim_gemm_max_m", "et_int4_last_error"} <= exported
+
+
+@requires_library
+def test_shim_limit_is_the_package_limit():
+    assert runtime.load().et_int4_shim_gemm_max_m() == et_int4.SHIM_GEMM_MAX_M
+
+
+@requires_library
+@pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 17, 4224, 96), (8, 40, 512, 256), (5, 1, 32, 32)])
+def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
+    operands = random_operands(m, n, k, group_size, seed=m * n + k)
+    code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
+    assert code == 0, message
+    ref = et_int4.w4a8_reference(*operands, group_size).float()
+    # Same numerics, other fp32 summation order: within one bf16 rounding.
+    assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + ref.abs().amax() * 1e-3).all()
+
+
+@requires_library
+def test_null_output_pointer_is_refused():
+    handles = _handles(list(random_operands(2, 8, 64, 32)))
+    try:
+        fn = runtime.load().aoti_torch_cpu_et_int4_plain_mm
+        assert fn(*handles, 32, 4, None) != 0
+    finally:
+        _delete(handles)
+    assert "ret0" in runtime.load().et_int4_last_error().decode()
+
+
+@requires_library
+def test_cuda_entry_point_refuses_cpu_tensors():
+    code, out, message = call_abi("cuda", list(random_operands(2, 8, 64, 32)), 32, 4)
+    assert code != 0 and out is None
+    assert "cuda" in message
+
+
+DTYPES = {
+    "self": [torch.bfloat16, torch.float32, torch.float16],
+    "qdata": [torch.uint8, torch.int8, torch.int32],
+    "scale": [torch.bfloat16, torch.float32],
+    "zero": [torch.int8, torch.uint8],
+}
+ARGS = ("self", "qdata", "scale", "zero")
+
+
+@st.composite
+def abi_calls(draw):
+    """Arguments to the C entry point, half of them well formed, half slightly wrong, with the
+    names of the arguments the ABI's rules say are wrong."""
+    well_formed = draw(st.booleans())
+    limit = et_int4.SHIM_GEMM_MAX_M
+    k = draw(st.sampled_from([32, 64, 96, 128, 256]))
+    if well_formed:
+        max_m = draw(st.integers(1, limit))
+        m = draw(st.integers(1, max_m))
+        n = draw(st.integers(1, 9))
+        group_size = draw(st.sampled_from([g for g in (32, 64, 96, 128, 256) if k % g == 0]))
+    else:
+        max_m = draw(st.integers(-1, limit + 2))
+        m = draw(st.integers(0, limit + 2))
+        n = draw(st.integers(0, 9))
+        group_size = draw(st.sampled_from([0, 16, 32, 48, 64, 96, 128, 256]))
+    groups = k // group_size if group_size else 1
+    wanted = {"self": [m, k], "qdata": [n, k // 2], "scale": [n, groups], "zero": [n, groups]}
+    tensors, bad = [], set()
+    null = None if well_formed else draw(st.sampled_from((None,) + ARGS))
+    changes = ["none"] if well_formed else ["none"] * 4 + ["rows", "cols", "rank3", "rank1", "dtype", "layout"]
+    for name in ARGS:
+        shape = list(wanted[name])
+        change = draw(st.sampled_from(changes))
+        dtype = draw(st.sampled_from(DTYPES[name][1:])) if change == "dtype" else DTYPES[name][0]
+        if change == "rows":
+            shape[0] += draw(st.sampled_from([-1, 1]))
+        elif change == "cols":
+            shape[1] += draw(st.sampled_from([-1, 1]))
+        elif change == "rank3":
+            shape = [1] + shape
+        elif change == "rank1":
+            shape = [shape[0] * shape[1]]
+        shape = [max(s, 0) for s in shape]
+        if change == "layout" and len(shape) == 2:
+            t = torch.randint(0, 16, shape[::-1]).to(dtype).t()
+        else:
+            t = torch.randint(0, 16, shape).to(dtype)
+        if dtype.is_floating_point:
+            t = t * 0.01 + 0.005
+        if name == null:
+            t = None
+        tensors.append(t)
+        if t is None or list(t.shape) != wanted[name] or t.dtype not in DTYPES[name][:2 if name == "qdata" else 1] \
+                or not t.is_contiguous():
+            bad.add(name)
+    if not 1 <= max_m <= limit:
+        bad.add("max_m")
+    if not 1 <= m <= max_m:
+        bad |= {"self", "max_m"}
+    if group_size < 32 or group_size % 32 or k % group_size:
+        bad |= {"group_size", "scale", "zero"}
+    if n < 1:
+        bad |= {"qdata", "scale", "zero"}
+    assert not (well_formed and bad)
+    return tensors, group_size, max_m, bad
+
+
+@requires_library
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=abi_calls())
+def test_abi_refuses_bad_input_and_computes_good_input(call):
+    tensors, group_size, max_m, bad = call
+    code, out, message = call_abi("cpu", tensors, group_size, max_m)
+    if not bad:
+        assert code == 0, message
+        x, qdata, scale, zero = tensors
+        ref = et_int4.w4a8_reference(x, qdata.view(torch.uint8), scale, zero, group_size).float()
+        assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + ref.abs().amax() * 1e-3 + 1e-6).all()
+        return
+    assert code != 0 and out is None
+    named = re.match(r"et_int4_plain_mm: (\w+)", message)
+    assert named and named.group(1) in bad, f"{message!r} names none of {sorted(bad)}"
+    assert "expected" in message and "got" in message
+
+
+LIMIT_4_CHECK = textwrap.dedent(
+    """
+    import pytest, torch, et_int4
+    from et_int4 import runtime
+    assert et_int4.SHIM_GEMM_MAX_M == 4, et_int4.SHIM_GEMM_MAX_M
+    with pytest.raises(et_int4.DispatchLimitError, match="SHIM_GEMM_MAX_M"):
+        with et_int4.matvec_max_m(8):
+            pass
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    model = torch.nn.Linear(64, 8, bias=False).bfloat16()
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    ep = torch.export.export(model, (torch.randn(8, 64).bfloat16(),))
+    with pytest.raises(et_int4.DispatchLimitError, match="SHIM_GEMM_MAX_M"):
+        et_int4.rewrite_int4_linears(ep, matvec_max_m=8)
+    assert len(et_int4.explain_int4_linears(ep, matvec_max_m=4)) == 1
+    x = torch.randn(2, 64).bfloat16()
+    q = torch.randint(0, 256, (8, 32), dtype=torch.uint8)
+    s = torch.rand(8, 2).bfloat16()
+    z = torch.randint(0, 16, (8, 2), dtype=torch.int8)
+    handles = [runtime._capsule_pointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x, q, s, z])]
+    code, out, message = runtime.call_entry("cpu", handles, 32, 8)
+    assert code != 0 and "SHIM_GEMM_MAX_M = 4" in message, message
+    code, out, message = runtime.call_entry("cpu", handles, 32, 4)
+    assert code == 0, message
+    print("limit 4 ok")
+    """
+)
+
+
+@requires_library
+@pytest.mark.slow
+def test_library_built_with_a_lower_limit_refuses_more(tmp_path):
+    build = tmp_path / "build"
+    python = f"-DPython_EXECUTABLE={sys.executable}"
+    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-DET_INT4_SHIM_GEMM_MAX_M=4",
+                    "-DET_INT4_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release", python],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    env = dict(os.environ, ET_INT4_LIBRARY=str(build / "libet_int4.so"))
+    result = subprocess.run([sys.executable, "-c", LIMIT_4_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "limit 4 ok" in result.stdout, result.stdout + result.stderr

@@ -1,0 +1,272 @@
+"""Export a Llama-style target with an EAGLE-3 draft head to one ExecuTorch CUDA program.
+
+Methods, sharing the target's weights and KV cache:
+  prefill        tokens [1, T] (min_prefill_len <= T <= max_seq_len), input_pos [T]
+                 -> logits [1, T, V], taps [1, T, 3 * dim]          linears left as dequant + linear
+  target_verify  tokens [1, chain_len + 1], input_pos [chain_len + 1]
+                 -> logits, taps (as prefill)                       linears -> et_int4_plain_mm
+  draft_decode   tokens [1, 1], input_pos [1], target_hidden [1, 1, 3 * dim],
+                 draft_hidden [1, 1, dim], from_target [1] bool
+                 -> logits [1, 1, V], hidden [1, 1, dim]            linears -> et_int4_plain_mm
+plus constant methods get_matvec_max_m, get_shim_gemm_max_m, get_chain_len, get_max_seq_len and
+get_min_prefill_len.
+
+    python -m et_int4.export.export_eagle --matvec-max-m 8 --output-dir out/
+
+Without a CUDA GPU it stops after routing (with --dry-run, successfully).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from et_int4 import SHIM_GEMM_MAX_M, explain_int4_linears, get_matvec_max_m, rewrite_int4_linears
+from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE
+from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4
+
+METHODS = ("prefill", "target_verify", "draft_decode")
+PTE_NAME = "eagle.pte"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    config: str = "tiny"
+    chain_len: int = 7
+    matvec_max_m: int = 8
+    group_size: int = 32
+    max_seq_len: int | None = None  # None: the config's
+    seed: int = 0
+
+    @property
+    def model_args(self) -> ModelArgs:
+        args = CONFIGS[self.config]
+        if self.max_seq_len is None:
+            return args
+        return dataclasses.replace(args, max_seq_len=self.max_seq_len)
+
+    @property
+    def min_prefill_len(self) -> int:
+        # Prefill's M must stay above the limit, or the pass would have to route part of its range.
+        return max(self.matvec_max_m + 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSummary:
+    name: str
+    routed: tuple[str, ...]  # linears that call et_int4_plain_mm
+    kept: tuple[str, ...]  # linears left as dequantize + linear
+
+
+@dataclasses.dataclass
+class EagleExport:
+    model: torch.nn.Module  # the quantized eager model the programs were exported from
+    exported: dict[str, ExportedProgram]  # as torch.export produced them
+    programs: dict[str, ExportedProgram]  # after rewrite_int4_linears
+    summary: list[MethodSummary]
+
+
+def _step(message: str):
+    """Print a progress line; call the result to print how long the step took."""
+    print(f"{message} ...", flush=True)
+    start = time.perf_counter()
+    return lambda: print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def example_inputs(opts: ExportOptions):
+    """method -> (example args, dynamic shapes); the prefill example is the longest prompt so
+    that AOTInductor sizes its buffers for the whole range."""
+    args = opts.model_args
+
+    def tokens_and_positions(n):
+        return torch.zeros(1, n, dtype=torch.long), torch.arange(n)
+
+    prefill_len = torch.export.Dim("prefill_len", min=opts.min_prefill_len, max=args.max_seq_len)
+    hidden = torch.zeros(1, 1, args.dim, dtype=torch.bfloat16)
+    return {
+        "prefill": (tokens_and_positions(args.max_seq_len),
+                    (({1: prefill_len}, {0: prefill_len}),)),
+        "target_verify": (tokens_and_positions(opts.chain_len + 1), None),
+        "draft_decode": (
+            (*tokens_and_positions(1), hidden.repeat(1, 1, 3), hidden, torch.tensor([True])), None),
+    }
+
+
+def export_eagle(opts: ExportOptions) -> EagleExport:
+    """Build and quantize the model, torch.export each method, route the small-M linears."""
+    done = _step(f"Building the {opts.config} target + EAGLE-3 draft (seed {opts.seed}), "
+                 f"int4 weights with group size {opts.group_size}")
+    model = quantize_int4(build_model(opts.model_args, seed=opts.seed), opts.group_size)
+    done()
+    exported, programs = {}, {}
+    with torch.no_grad():
+        for name, (inputs, dynamic_shapes) in example_inputs(opts).items():
+            done = _step(f"torch.export {name}")
+            exported[name] = torch.export.export(
+                MethodModule(model, name), inputs, dynamic_shapes=dynamic_shapes)
+            done()
+    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm")
+    summary = []
+    for name, ep in exported.items():
+        decisions = explain_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
+        summary.append(MethodSummary(
+            name,
+            routed=tuple(d.name for d in decisions if d.routed),
+            kept=tuple(d.name for d in decisions if not d.routed),
+        ))
+        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
+    done()
+    return EagleExport(model, exported, programs, summary)
+
+
+def constant_methods(opts: ExportOptions) -> dict:
+    return {
+        "get_matvec_max_m": opts.matvec_max_m,
+        "get_shim_gemm_max_m": SHIM_GEMM_MAX_M,
+        "get_chain_len": opts.chain_len,
+        "get_max_seq_len": opts.model_args.max_seq_len,
+        "get_min_prefill_len": opts.min_prefill_len,
+    }
+
+
+def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Path) -> list[Path]:
+    """Lower every method with ExecuTorch's CUDA backend; write the .pte and its .ptd files."""
+    from executorch.backends.cuda.cuda_backend import CudaBackend
+    from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+
+    from et_int4.backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
+
+    done = _step(f"Lowering {', '.join(export.programs)} with the CUDA backend (AOTInductor)")
+    with et_int4_in_cuda_backend():
+        edge = to_edge_transform_and_lower(
+            export.programs,
+            # One partitioner per method: the backend names each method's compiled blobs by it.
+            partitioner={
+                name: [CudaPartitioner([CudaBackend.generate_method_name_compile_spec(name)])]
+                for name in export.programs
+            },
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=constant_methods(opts),
+        )
+    done()
+    done = _step("Serializing")
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+    ))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pte = output_dir / PTE_NAME
+    with open(pte, "wb") as f:
+        program.write_to_file(f)
+    # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
+    program.write_tensor_data_to_file(str(output_dir))
+    done()
+    return [pte, *(output_dir / (tag if tag.endswith(".ptd") else f"{tag}.ptd")
+                   for tag in program._tensor_data)]
+
+
+def print_summary(summary: list[MethodSummary]) -> None:
+    print("Linears per method:")
+    width = max(len(s.name) for s in summary)
+    for s in summary:
+        print(f"  {s.name:<{width}}  {len(s.routed):3d} routed to et_int4_plain_mm, "
+              f"{len(s.kept):3d} left as dequant + linear")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a Llama-style target with an EAGLE-3 draft head to one ExecuTorch "
+                    "CUDA program (.pte + .ptd) whose verify and draft linears call "
+                    "et_int4_plain_mm.")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                        help="model shapes (weights are random); default: tiny")
+    parser.add_argument("--chain-len", type=int, default=7,
+                        help="draft tokens per speculation; target_verify takes chain_len + 1 "
+                             "(default 7)")
+    parser.add_argument("--matvec-max-m", type=int, default=None,
+                        help="largest M routed to et_int4_plain_mm (default: get_matvec_max_m(), "
+                             "raised to chain_len + 1 when smaller and SHIM_GEMM_MAX_M allows)")
+    parser.add_argument("--group-size", type=int, default=32,
+                        help="int4 quantization group size, a multiple of 32 (default 32)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache length and longest prefill (default: the config's)")
+    parser.add_argument("--output-dir", type=Path, default=Path("out"),
+                        help="where eagle.pte and its .ptd go (default: out/)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights (default 0)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="stop after routing and the summary; needs no GPU")
+    return parser
+
+
+def parse_options(parser: argparse.ArgumentParser, argv=None):
+    """Parse and check the arguments; every violation exits with status 2 and names the flag."""
+    ns = parser.parse_args(argv)
+    verify_len = ns.chain_len + 1
+    if ns.matvec_max_m is None:
+        # Route the verify window when the library allows it; the checks below report when not.
+        ns.matvec_max_m = max(get_matvec_max_m(), min(verify_len, SHIM_GEMM_MAX_M))
+    limit = ns.matvec_max_m
+    if ns.chain_len < 1:
+        parser.error(f"--chain-len {ns.chain_len} must be at least 1")
+    if limit < 1:
+        parser.error(f"--matvec-max-m {limit} must be at least 1 (M = 1 is a decode step)")
+    if limit > SHIM_GEMM_MAX_M:
+        parser.error(f"--matvec-max-m {limit} exceeds SHIM_GEMM_MAX_M={SHIM_GEMM_MAX_M} of the "
+                     f"built library; use --matvec-max-m <= {SHIM_GEMM_MAX_M} or rebuild with "
+                     f"ET_INT4_SHIM_GEMM_MAX_M={limit}")
+    if verify_len > limit:
+        fix = (f"raise --matvec-max-m to {verify_len}" if verify_len <= SHIM_GEMM_MAX_M else
+               f"rebuild with ET_INT4_SHIM_GEMM_MAX_M={verify_len}")
+        parser.error(f"--chain-len {ns.chain_len} needs --matvec-max-m >= {verify_len} "
+                     f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1} "
+                     f"or {fix}")
+    args = CONFIGS[ns.config]
+    dims = {"dim": args.dim, "ffn_dim": args.ffn_dim}
+    if ns.group_size < GROUP_MULTIPLE or ns.group_size % GROUP_MULTIPLE or any(
+            d % ns.group_size for d in dims.values()):
+        shapes = " and ".join(f"{k}={v}" for k, v in dims.items())
+        parser.error(f"--group-size {ns.group_size} must be a multiple of {GROUP_MULTIPLE} that "
+                     f"divides {shapes} of --config {ns.config}")
+    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed)
+    max_seq_len = opts.model_args.max_seq_len
+    if max_seq_len <= opts.min_prefill_len:
+        parser.error(f"--max-seq-len {max_seq_len} leaves no range for prefill, which starts at "
+                     f"{opts.min_prefill_len} tokens (--matvec-max-m + 1); use --max-seq-len >= "
+                     f"{opts.min_prefill_len + 1}")
+    return opts, ns
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    opts, ns = parse_options(parser, argv)
+    export = export_eagle(opts)
+    print_summary(export.summary)
+    if ns.dry_run:
+        print("Dry run: nothing lowered or written.")
+        return 0
+    if not torch.cuda.is_available():
+        print("error: lowering with the ExecuTorch CUDA backend needs a CUDA GPU, and "
+              "torch.cuda.is_available() is False; rerun on a GPU machine, or pass --dry-run to "
+              "stop after the summary", file=sys.stderr)
+        return 1
+    files = lower_to_executorch(export, opts, ns.output_dir)
+    print("Wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

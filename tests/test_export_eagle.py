@@ -1,0 +1,316 @@
+"""The EAGLE-3 export: argument checks, routing per method, numerics of the rewritten programs.
+
+CPU tests use the tiny config with a short KV cache and share one export (module fixture). The
+``cuda`` tests lower through ExecuTorch's CUDA backend and PyTorch's AOTI runtime.
+"""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+import et_int4
+from et_int4.export import export_eagle as cli
+from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
+
+CHAIN_LEN = 3
+OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32)
+ARGV = ["--chain-len", "3", "--matvec-max-m", "4", "--max-seq-len", "32"]
+N_TARGET_LINEARS = OPTIONS.model_args.n_layers * 7 + 1  # q k v o, w1 w2 w3 per layer; lm_head
+N_DRAFT_LINEARS = 9  # fc, q k v o, w1 w2 w3, lm_head
+
+
+@pytest.fixture(scope="module")
+def exported():
+    return export_eagle(OPTIONS)
+
+
+def _modules(export, programs):
+    return {name: programs[name].module() for name in METHODS}
+
+
+def _kv_buffers(module):
+    return {name: buf for name, buf in module.named_buffers()
+            if name.endswith(("k_cache", "v_cache"))}
+
+
+def _reset_caches(*modules):
+    for module in modules:
+        for buf in _kv_buffers(module).values():
+            buf.zero_()
+
+
+def _rel_err(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def _tokens(n):
+    return torch.randint(0, OPTIONS.model_args.vocab_size, (1, n))
+
+
+def _draft_inputs(from_target: bool):
+    dim = OPTIONS.model_args.dim
+    return (_tokens(1), torch.tensor([5]), torch.randn(1, 1, 3 * dim, dtype=torch.bfloat16),
+            torch.randn(1, 1, dim, dtype=torch.bfloat16), torch.tensor([from_target]))
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+def test_verify_and_draft_are_routed_prefill_is_not(exported):
+    summary = {s.name: s for s in exported.summary}
+    assert list(summary) == list(METHODS)
+    assert len(summary["target_verify"].routed) == N_TARGET_LINEARS
+    assert summary["target_verify"].kept == ()
+    assert len(summary["draft_decode"].routed) == N_DRAFT_LINEARS
+    assert summary["draft_decode"].kept == ()
+    assert summary["prefill"].routed == ()
+    assert len(summary["prefill"].kept) == N_TARGET_LINEARS
+
+
+def _calls_op(ep):
+    return sum(n.target == torch.ops.et_int4.et_int4_plain_mm.default for n in ep.graph.nodes)
+
+
+def test_programs_call_the_op_as_summarized(exported):
+    for s in exported.summary:
+        assert _calls_op(exported.programs[s.name]) == len(s.routed), s.name
+
+
+def test_dry_run(exported, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: exported if opts == OPTIONS else None)
+    assert cli.main([*ARGV, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "target_verify" in out and "Dry run" in out
+
+
+def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: exported if opts == OPTIONS else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(ARGV) != 0
+    captured = capsys.readouterr()
+    assert f"{N_TARGET_LINEARS:3d} routed to et_int4_plain_mm" in captured.out
+    assert "needs a CUDA GPU" in captured.err
+
+
+# -- argument checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matvec-max-m", "16"],
+     f"--matvec-max-m 16 exceeds SHIM_GEMM_MAX_M={et_int4.SHIM_GEMM_MAX_M} of the built library"),
+    (["--chain-len", "8", "--matvec-max-m", "8"], "--chain-len 8 needs --matvec-max-m >= 9"),
+    (["--matvec-max-m", "0"], "--matvec-max-m 0 must be at least 1"),
+    (["--chain-len", "0"], "--chain-len 0 must be at least 1"),
+    (["--chain-len", "7", "--matvec-max-m", "4"], "--chain-len 7 needs --matvec-max-m >= 8"),
+    (["--group-size", "48"], "--group-size 48 must be a multiple of 32"),
+    (["--max-seq-len", "9", "--matvec-max-m", "8"], "--max-seq-len 9 leaves no range for prefill"),
+])
+def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
+    if et_int4.SHIM_GEMM_MAX_M >= 16 and "16" in argv:
+        pytest.skip("the library was built with SHIM_GEMM_MAX_M >= 16")
+
+    def no_work(opts):
+        pytest.fail("export_eagle ran despite bad arguments")
+
+    monkeypatch.setattr(cli, "export_eagle", no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+@pytest.mark.parametrize("run", [
+    lambda: runpy.run_path(str(Path(__file__).parents[1] / "export" / "export_eagle.py"),
+                           run_name="__main__"),
+    lambda: runpy.run_module("et_int4.export.export_eagle", run_name="__main__"),
+], ids=["file", "module"])
+def test_runs_as_a_script(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["export_eagle.py", "--matvec-max-m", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    assert "--matvec-max-m 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_default_limit_routes_the_verify_window():
+    opts, _ = cli.parse_options(cli.build_parser(), ["--chain-len", "5"])
+    assert opts.matvec_max_m == max(et_int4.get_matvec_max_m(), 6)
+    assert opts.min_prefill_len == opts.matvec_max_m + 1
+
+
+# -- numerics --------------------------------------------------------------------------------------
+
+def test_target_verify_matches_eager(exported):
+    model = exported.model
+    verify = exported.programs["target_verify"].module()
+    tokens, pos = _tokens(CHAIN_LEN + 1), torch.arange(CHAIN_LEN + 1)
+    _reset_caches(model, verify)
+    with torch.no_grad():
+        logits, taps = verify(tokens, pos)
+        ref_logits, ref_taps = model.target_verify(tokens, pos)
+    # W4A8 (the op) against W4A16 (eager dequant + linear).
+    assert _rel_err(logits, ref_logits) < 5e-2
+    assert _rel_err(taps, ref_taps) < 5e-2
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("from_target", [True, False])
+def test_draft_decode_matches_eager(exported, from_target):
+    model = exported.model
+    draft = exported.programs["draft_decode"].module()
+    inputs = _draft_inputs(from_target)
+    _reset_caches(model, draft)
+    with torch.no_grad():
+        logits, hidden = draft(*inputs)
+        ref_logits, ref_hidden = model.draft_decode(*inputs)
+    assert _rel_err(logits, ref_logits) < 5e-2
+    assert _rel_err(hidden, ref_hidden) < 5e-2
+
+
+def test_prefill_is_left_untouched(exported):
+    original = exported.exported["prefill"].module()
+    rewritten = exported.programs["prefill"].module()
+    tokens, pos = _tokens(OPTIONS.min_prefill_len + 2), torch.arange(OPTIONS.min_prefill_len + 2)
+    _reset_caches(original, rewritten)
+    with torch.no_grad():
+        for out, ref in zip(rewritten(tokens, pos), original(tokens, pos)):
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("rewritten", [False, True], ids=["exported", "rewritten"])
+def test_kv_cache_is_shared_between_prefill_and_verify(exported, rewritten):
+    """prefill(prompt) then target_verify(next chain_len + 1 tokens) == prefill(all of them).
+
+    ExecuTorch's CUDA backend shares a buffer between methods by its FQN; carry the caches the
+    same way here.
+    """
+    programs = exported.programs if rewritten else exported.exported
+    prefill, verify = programs["prefill"].module(), programs["target_verify"].module()
+    assert _kv_buffers(prefill).keys() == _kv_buffers(verify).keys()
+    n, k = OPTIONS.min_prefill_len + 3, CHAIN_LEN + 1
+    tokens = _tokens(n + k)
+    _reset_caches(prefill, verify)
+    with torch.no_grad():
+        prefill(tokens[:, :n], torch.arange(n))
+        for name, buf in _kv_buffers(verify).items():
+            buf.copy_(_kv_buffers(prefill)[name])
+        logits, taps = verify(tokens[:, n:], torch.arange(n, n + k))
+        _reset_caches(prefill)
+        ref_logits, ref_taps = prefill(tokens, torch.arange(n + k))
+    ref_logits, ref_taps = ref_logits[:, n:], ref_taps[:, n:]
+    tolerance = 5e-2 if rewritten else 1e-2  # W4A8 verify against W4A16 prefill, or bf16 rounding
+    assert _rel_err(logits, ref_logits) < tolerance
+    assert _rel_err(taps, ref_taps) < tolerance
+    agreement = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()
+    assert agreement >= (0.75 if rewritten else 1.0)
+
+
+# -- lowering ------------------------------------------------------------------------------------
+
+def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
+    """Edge conversion, partitioning and serialization on CPU, with AOTInductor stubbed out.
+
+    Each method becomes one CUDA delegate; the op reaches the backend (with the op registered in
+    both of its tables) in target_verify and draft_decode only; method 0 is draft_decode.
+    """
+    pytest.importorskip("triton", reason="ExecuTorch's CUDA backend imports triton")
+    from executorch.backends.cuda.cuda_backend import CudaBackend
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.backend.backend_details import BackendDetails, PreprocessResult
+
+    from et_int4.backends.cuda.int4 import aoti
+
+    seen = {}
+
+    def preprocess(cls, program, compile_specs):
+        ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        shims = cls.get_aoti_compile_options(compile_specs)["aot_inductor.custom_ops_to_c_shims"]
+        seen[cls.method_name_from_compile_specs(compile_specs)] = (
+            sum(aoti.OP_NAME in op for op in ops),
+            torch.ops.et_int4.et_int4_plain_mm.default in shims
+            and aoti.c_shim_name("cuda") in cls.get_supported_fallback_kernels(),
+        )
+        return PreprocessResult(processed_bytes=b"", debug_handle_map={})
+
+    monkeypatch.setattr(CudaBackend, "preprocess", classmethod(preprocess))
+    monkeypatch.setattr(CudaBackend, "preprocess_multimethod",
+                        BackendDetails.__dict__["preprocess_multimethod"])
+    files = cli.lower_to_executorch(exported, OPTIONS, tmp_path)
+    routed = {s.name: len(s.routed) for s in exported.summary}
+    assert seen == {name: (routed[name], True) for name in METHODS}
+    plans = deserialize_pte_binary(files[0].read_bytes()).program.execution_plan
+    assert [p.name for p in plans] == [*sorted(METHODS), *cli.constant_methods(OPTIONS)]
+    assert all(len(p.delegates) == 1 for p in plans[:len(METHODS)])
+
+
+# -- GPU: ExecuTorch CUDA lowering and PyTorch's AOTI runtime -------------------------------------
+
+GPU_ARGV = ["--matvec-max-m", "8", "--max-seq-len", "64"]
+SHIM_SYMBOL = b"aoti_torch_cuda_et_int4_plain_mm"
+
+
+def _so_blobs_per_method(pte_path):
+    """method -> the AOTI shared objects its delegates load.
+
+    The CUDA backend stores each compiled .so as named data whose key ends in ``_so_blob``: a
+    content hash that the delegate's processed bytes name (ExecuTorch >= 1.3), or
+    ``<method>_so_blob`` (1.2).
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(pte_path.read_bytes())
+    store = pte.named_data
+    blobs = {key: bytes(store.buffers[entry.buffer_index])
+             for key, entry in store.pte_data.items() if key.endswith("_so_blob")}
+    result = {}
+    for plan in pte.program.execution_plan:
+        for delegate in plan.delegates:
+            processed = bytes(pte.program.backend_delegate_data[delegate.processed.index].data)
+            result.setdefault(plan.name, []).extend(
+                so for key, so in blobs.items()
+                if key.encode() in processed or key == f"{plan.name}_so_blob")
+    return result
+
+
+@pytest.mark.cuda
+def test_full_export_calls_the_shim_in_verify_and_draft_only(tmp_path):
+    assert cli.main([*GPU_ARGV, "--output-dir", str(tmp_path)]) == 0
+    pte = tmp_path / cli.PTE_NAME
+    assert pte.is_file() and (tmp_path / "aoti_cuda_blob.ptd").is_file()
+    blobs = _so_blobs_per_method(pte)
+    assert all(blobs.get(name) for name in METHODS), f"no .so found for some method: {blobs.keys()}"
+    calling = {name for name in METHODS if any(SHIM_SYMBOL in so for so in blobs[name])}
+    assert calling == {"target_verify", "draft_decode"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["target_verify", "draft_decode"])
+def test_aoti_runtime_matches_the_rewritten_program(method, tmp_path):
+    from torch.export.passes import move_to_device_pass
+
+    import et_int4.runtime
+    from et_int4.backends.cuda.int4.aoti import custom_ops_to_c_shims
+
+    et_int4.runtime.load()
+    opts, _ = cli.parse_options(cli.build_parser(), GPU_ARGV)
+    program = move_to_device_pass(export_eagle(opts).programs[method], "cuda:0")
+    inputs = ((_tokens(opts.chain_len + 1), torch.arange(opts.chain_len + 1))
+              if method == "target_verify" else _draft_inputs(from_target=True))
+    inputs = tuple(t.cuda() for t in inputs)
+    eager = program.module()
+    _reset_caches(eager)  # the compiled package starts from the exported (zero) caches too
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / f"{method}.pt2"),
+        inductor_configs={"aot_inductor.custom_ops_to_c_shims": custom_ops_to_c_shims("cuda"),
+                          "emulate_precision_casts": True})
+    compiled = torch._inductor.aoti_load_package(package)
+    with torch.no_grad():
+        expected = eager(*inputs)
+        actual = compiled(*inputs)
+    # The same kernel on both sides; only Inductor's fusions around it differ.
+    for out, ref in zip(actual, expected):
+        assert _rel_err(out, ref) < 1e-2
+    assert (actual[0].argmax(-1) == expected[0].argmax(-1)).float().mean() >= 0.75

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark in the GPU test environment (H100, torch 2.11+cu130, no network), with
 # the ExecuTorch/torchao wheels that ../shared/tools/device-wheels put in .whl/.
-# Usage: bench/gpu_run.sh OUT_DIR STEP...   steps: build tests sanitizer aoti export bench
+# Usage: bench/gpu_run.sh OUT_DIR STEP...   steps: build tests sanitizer aoti export bench verify
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -26,6 +26,7 @@ for step in "$@"; do
     aoti) run aoti python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_aoti.py ;;
     export) run export python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_export_eagle.py ;;
     bench) run bench python3 bench/bench_int4_mm.py --out "$out/bench.md" ;;
+    verify) run verify python3 bench/bench_eagle_verify.py ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -6,8 +6,8 @@
 // Two kernels, chained with programmatic dependent launch so the GEMM streams its first weights
 // while the activations are still being quantized:
 //   quantize_activations: bf16 [m, k] -> per block: int8 q (in the GEMM's k order), fp32 d, int32 sum(q).
-//   w4a8_gemm: each warp owns 32 weight rows and a strided share of k; one mma.m16n8k32 per 16 rows
-//     and activation block multiplies a 16 x 32 weight tile with all (up to 8) activation rows, so
+//   w4a8_gemm: each warp owns 16 weight rows and a strided share of k; one mma.m16n8k32 per
+//     activation block multiplies a 16 x 32 weight tile with all (up to 8) activation rows, so
 //     each weight byte is read once and costs the same instructions whatever m is.
 #include "backends/cuda/int4/int4_mm.h"
 

@@ -111,6 +111,20 @@ struct GemmParams {
   int m, n, k, group_size;
 };
 
+// Where one weight row is read; rows past n are clamped to n - 1 (read, never stored), so the
+// loads need no guard.
+struct RowPointers {
+  const uint8_t* q;
+  const uint16_t* s;
+  const int8_t* z;
+};
+
+__device__ __forceinline__ RowPointers row_pointers(const GemmParams& p, int row) {
+  const int64_t r = min(row, p.n - 1);
+  const int groups = p.k / p.group_size;
+  return {p.qdata + r * (p.k / 2), p.scale + r * groups, p.zero + r * groups};
+}
+
 // One row's share of a chunk: 16 bytes of nibbles (block 4c + t) and the scales/zeros of the
 // chunk's 4 blocks (up to 4 bf16 and 4 int8, packed).
 struct RowChunk {
@@ -120,35 +134,35 @@ struct RowChunk {
 };
 
 template <int GPC>
-__device__ __forceinline__ RowChunk load_row_chunk(const GemmParams& p, int row, int chunk, int t) {
-  RowChunk r{};
-  if (row >= p.n) return r;
-  const int blocks = p.k / kBlockK;
-  const int groups = p.k / p.group_size;
-  const uint8_t* qrow = p.qdata + static_cast<int64_t>(row) * (p.k / 2);
-  const uint16_t* srow = p.scale + static_cast<int64_t>(row) * groups;
-  const int8_t* zrow = p.zero + static_cast<int64_t>(row) * groups;
+__device__ __forceinline__ RowChunk load_row_chunk(const GemmParams& p, const RowPointers& row,
+                                                   int chunk, int t) {
   const int first = chunk * kChunkBlocks;
-  if (GPC != 0 || first + t < blocks) r.q = load_stream_16(qrow + (first + t) * (kBlockK / 2));
+  RowChunk r;
   if constexpr (GPC == 4) {
-    const uint2 s = *reinterpret_cast<const uint2*>(srow + first);
+    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
+    const uint2 s = *reinterpret_cast<const uint2*>(row.s + first);
     r.s[0] = s.x;
     r.s[1] = s.y;
-    r.z = *reinterpret_cast<const uint32_t*>(zrow + first);
+    r.z = *reinterpret_cast<const uint32_t*>(row.z + first);
   } else if constexpr (GPC == 2) {
-    r.s[0] = *reinterpret_cast<const uint32_t*>(srow + first / 2);
-    r.z = *reinterpret_cast<const uint16_t*>(zrow + first / 2);
+    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
+    r.s[0] = *reinterpret_cast<const uint32_t*>(row.s + first / 2);
+    r.z = *reinterpret_cast<const uint16_t*>(row.z + first / 2);
   } else if constexpr (GPC == 1) {
+    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
     const int group = first * kBlockK / p.group_size;
-    r.s[0] = srow[group];
-    r.z = static_cast<uint8_t>(zrow[group]);
-  } else {
+    r.s[0] = row.s[group];
+    r.z = static_cast<uint8_t>(row.z[group]);
+  } else {  // zeros past the last block: they add nothing
+    const int blocks = p.k / kBlockK;
+    r = RowChunk{};
+    if (first + t < blocks) r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
 #pragma unroll
     for (int j = 0; j < kChunkBlocks; ++j) {
       if (first + j >= blocks) break;
       const int group = (first + j) * kBlockK / p.group_size;
-      r.s[j / 2] |= static_cast<uint32_t>(srow[group]) << (16 * (j % 2));
-      r.z |= static_cast<uint32_t>(static_cast<uint8_t>(zrow[group])) << (8 * j);
+      r.s[j / 2] |= static_cast<uint32_t>(row.s[group]) << (16 * (j % 2));
+      r.z |= static_cast<uint32_t>(static_cast<uint8_t>(row.z[group])) << (8 * j);
     }
   }
   return r;
@@ -162,23 +176,38 @@ struct ActChunk {
   uint4 meta[kChunkBlocks][CT];
 };
 
+// This thread's first B fragment and (d, sum) pair per column tile. Columns past m read row
+// m - 1: their d is 0 and an mma output column depends only on its own B column.
 template <int CT>
-__device__ __forceinline__ ActChunk<CT> load_act_chunk(const GemmParams& p, int chunk, int g, int t) {
-  ActChunk<CT> a{};
+struct ActPointers {
+  const int8_t* b[CT];
+  const BlockMeta* meta[CT];
+};
+
+template <int CT>
+__device__ __forceinline__ ActPointers<CT> act_pointers(const GemmParams& p, int g, int t) {
+  ActPointers<CT> a;
+#pragma unroll
+  for (int ct = 0; ct < CT; ++ct) {
+    a.b[ct] = p.xq + min(ct * kColTile + g, p.m - 1) * kBlockK + 8 * t;
+    a.meta[ct] = p.meta + ct * kColTile + 2 * t;
+  }
+  return a;
+}
+
+template <int CT, int GPC>
+__device__ __forceinline__ ActChunk<CT> load_act_chunk(const GemmParams& p, const ActPointers<CT>& at,
+                                                       int chunk) {
+  ActChunk<CT> a;
   const int blocks = p.k / kBlockK;
 #pragma unroll
   for (int j = 0; j < kChunkBlocks; ++j) {
     const int block = chunk * kChunkBlocks + j;
-    if (block >= blocks) break;
+    if (GPC == 0 && block >= blocks) break;  // the only path with a partial chunk
 #pragma unroll
     for (int ct = 0; ct < CT; ++ct) {
-      const int col = ct * kColTile + g;
-      if (col < p.m) {
-        a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(
-            p.xq + (static_cast<int64_t>(block) * p.m + col) * kBlockK + 8 * t));
-      }
-      a.meta[j][ct] = __ldg(reinterpret_cast<const uint4*>(
-          p.meta + static_cast<int64_t>(block) * (CT * kColTile) + ct * kColTile + 2 * t));
+      a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(at.b[ct] + block * p.m * kBlockK));
+      a.meta[j][ct] = __ldg(reinterpret_cast<const uint4*>(at.meta[ct] + block * (CT * kColTile)));
     }
   }
   return a;
@@ -199,6 +228,13 @@ __device__ __forceinline__ void transpose_quad(uint4& v, int t) {
   s0 = __shfl_xor_sync(kAll, s0, 1);
   s1 = __shfl_xor_sync(kAll, s1, 1);
   if (odd) { v.x = s0; v.z = s1; } else { v.y = s0; v.w = s1; }
+}
+
+// Byte `i` of v as a signed int in one PRMT (its sign mode; __byte_perm has none).
+__device__ __forceinline__ int sign_extended_byte(uint32_t v, int i) {
+  int out;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(out) : "r"(v), "r"(0x8880 + 0x1111 * i));
+  return out;
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
@@ -236,7 +272,7 @@ __device__ __forceinline__ void accumulate_chunk(RowChunk (&w)[kTilesPerWarp][2]
       for (int h = 0; h < 2; ++h) {
         const uint32_t bits = w[tile][h].s[slot / 2];
         scale[h] = __uint_as_float(slot % 2 ? bits & 0xffff0000u : bits << 16);
-        zero[h] = static_cast<int8_t>(w[tile][h].z >> (8 * slot));
+        zero[h] = sign_extended_byte(w[tile][h].z, slot);
       }
 #pragma unroll
       for (int ct = 0; ct < CT; ++ct) {
@@ -273,13 +309,18 @@ w4a8_gemm(GemmParams p) {
   float acc[kTilesPerWarp][2][CT][2] = {};
   // A ring of kStages chunks of weights in registers: kStages - 1 stay in flight during the math.
   // The warp's i-th chunk lives in slot i % kStages; unrolling by kStages keeps slots static.
+  RowPointers rows[kTilesPerWarp][2];
+#pragma unroll
+  for (int tile = 0; tile < kTilesPerWarp; ++tile)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[tile][h] = row_pointers(p, row0 + tile * kTileRows + h * 8 + g);
+  const ActPointers<CT> act = act_pointers<CT>(p, g, t);
   RowChunk w[kStages][kTilesPerWarp][2];
   auto load_weights = [&](RowChunk (&dst)[kTilesPerWarp][2], int chunk) {
 #pragma unroll
     for (int tile = 0; tile < kTilesPerWarp; ++tile)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        dst[tile][h] = load_row_chunk<GPC>(p, row0 + tile * kTileRows + h * 8 + g, chunk, t);
+      for (int h = 0; h < 2; ++h) dst[tile][h] = load_row_chunk<GPC>(p, rows[tile][h], chunk, t);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s)
@@ -295,7 +336,7 @@ w4a8_gemm(GemmParams p) {
       if (ahead < chunks) load_weights(w[(s + kStages - 1) % kStages], ahead);
       // Activations are not prefetched: they are small, re-read by every CTA and served from
       // L1/L2, and the registers are worth more as occupancy (bench/RESULTS.md, sweep).
-      accumulate_chunk<CT, GPC>(w[s], load_act_chunk<CT>(p, chunk, g, t),
+      accumulate_chunk<CT, GPC>(w[s], load_act_chunk<CT, GPC>(p, act, chunk),
                                 blocks - chunk * kChunkBlocks, t, acc);
     }
   }

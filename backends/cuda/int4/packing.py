@@ -84,7 +84,7 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             f"PerGroup({GROUP_MULTIPLE}) or another multiple of {GROUP_MULTIPLE}"
         )
     _check_range("qdata", qdata, INT4_MIN, INT4_MAX)
-    # The CUDA kernel keeps the +8 zero point in a nibble's range.
+    # torchao's int4 zero points share qdata's range, so zero_point + 8 is a nibble like u.
     _check_range("zero_point", zero_point, INT4_MIN, INT4_MAX)
     u = (qdata.to(torch.int16) + _OFFSET).to(torch.uint8)
     packed = u[:, 0::2] | (u[:, 1::2] << 4)

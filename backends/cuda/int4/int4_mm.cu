@@ -137,26 +137,23 @@ template <int GPC>
 __device__ __forceinline__ RowChunk load_row_chunk(const GemmParams& p, const RowPointers& row,
                                                    int chunk, int t) {
   const int first = chunk * kChunkBlocks;
+  const int blocks = p.k / kBlockK;
   RowChunk r;
+  if constexpr (GPC == 0) r = RowChunk{};  // zeros past the last block: they add nothing
+  if (GPC != 0 || first + t < blocks) r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
   if constexpr (GPC == 4) {
-    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
     const uint2 s = *reinterpret_cast<const uint2*>(row.s + first);
     r.s[0] = s.x;
     r.s[1] = s.y;
     r.z = *reinterpret_cast<const uint32_t*>(row.z + first);
   } else if constexpr (GPC == 2) {
-    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
     r.s[0] = *reinterpret_cast<const uint32_t*>(row.s + first / 2);
     r.z = *reinterpret_cast<const uint16_t*>(row.z + first / 2);
   } else if constexpr (GPC == 1) {
-    r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
     const int group = first * kBlockK / p.group_size;
     r.s[0] = row.s[group];
     r.z = static_cast<uint8_t>(row.z[group]);
-  } else {  // zeros past the last block: they add nothing
-    const int blocks = p.k / kBlockK;
-    r = RowChunk{};
-    if (first + t < blocks) r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
+  } else {
 #pragma unroll
     for (int j = 0; j < kChunkBlocks; ++j) {
       if (first + j >= blocks) break;

@@ -15,6 +15,7 @@ import torch
 import et_int4
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
+from numerics import rel_error
 
 CHAIN_LEN = 3
 OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32)
@@ -41,10 +42,6 @@ def _reset_caches(*modules):
     for module in modules:
         for buf in _kv_buffers(module).values():
             buf.zero_()
-
-
-def _rel_err(actual, expected):
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def _tokens(n):
@@ -152,8 +149,8 @@ def test_target_verify_matches_eager(exported):
         logits, taps = verify(tokens, pos)
         ref_logits, ref_taps = model.target_verify(tokens, pos)
     # W4A8 (the op) against W4A16 (eager dequant + linear).
-    assert _rel_err(logits, ref_logits) < 5e-2
-    assert _rel_err(taps, ref_taps) < 5e-2
+    assert rel_error(logits, ref_logits) < 5e-2
+    assert rel_error(taps, ref_taps) < 5e-2
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.75
 
 
@@ -166,8 +163,8 @@ def test_draft_decode_matches_eager(exported, from_target):
     with torch.no_grad():
         logits, hidden = draft(*inputs)
         ref_logits, ref_hidden = model.draft_decode(*inputs)
-    assert _rel_err(logits, ref_logits) < 5e-2
-    assert _rel_err(hidden, ref_hidden) < 5e-2
+    assert rel_error(logits, ref_logits) < 5e-2
+    assert rel_error(hidden, ref_hidden) < 5e-2
 
 
 def test_prefill_is_left_untouched(exported):
@@ -202,8 +199,8 @@ def test_kv_cache_is_shared_between_prefill_and_verify(exported, rewritten):
         ref_logits, ref_taps = prefill(tokens, torch.arange(n + k))
     ref_logits, ref_taps = ref_logits[:, n:], ref_taps[:, n:]
     tolerance = 5e-2 if rewritten else 1e-2  # W4A8 verify against W4A16 prefill, or bf16 rounding
-    assert _rel_err(logits, ref_logits) < tolerance
-    assert _rel_err(taps, ref_taps) < tolerance
+    assert rel_error(logits, ref_logits) < tolerance
+    assert rel_error(taps, ref_taps) < tolerance
     agreement = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()
     assert agreement >= (0.75 if rewritten else 1.0)
 
@@ -312,5 +309,5 @@ def test_aoti_runtime_matches_the_rewritten_program(method, tmp_path):
         actual = compiled(*inputs)
     # The same kernel on both sides; only Inductor's fusions around it differ.
     for out, ref in zip(actual, expected):
-        assert _rel_err(out, ref) < 1e-2
+        assert rel_error(out, ref) < 1e-2
     assert (actual[0].argmax(-1) == expected[0].argmax(-1)).float().mean() >= 0.75

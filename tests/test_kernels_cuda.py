@@ -12,6 +12,7 @@ import torch
 
 import et_int4
 from et_int4 import runtime
+from numerics import assert_within_one_rounding, random_operands, rel_error
 
 pytestmark = pytest.mark.cuda
 
@@ -28,19 +29,6 @@ def _exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator):
-    """Random packed weights with asymmetric zeros, activations with a few large outliers."""
-    dev = "cuda"
-    groups = k // group_size
-    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev, generator=generator)
-    scale = (torch.rand(n, groups, device=dev, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
-    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, device=dev, generator=generator)
-    x = torch.randn(m, k, device=dev, generator=generator)
-    outliers = torch.rand(m, k, device=dev, generator=generator) < 0.01
-    x = torch.where(outliers, x * 50, x).to(torch.bfloat16)
-    return x, qdata, scale, zero
-
-
 def run_op(x, qdata, scale, zero, group_size):
     return torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, et_int4.SHIM_GEMM_MAX_M)
 
@@ -51,15 +39,9 @@ def poison_next_output(m: int, n: int) -> None:
 
 
 def assert_matches_reference(out: torch.Tensor, x, qdata, scale, zero, group_size) -> None:
-    ref = et_int4.w4a8_reference(x, qdata, scale, zero, group_size).float()
-    out = out.float()
-    assert out.shape == ref.shape
-    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
-    # Same numerics up to fp32 summation order: at most about one bf16 rounding apart.
-    tolerance = ref.abs() * 2**-7 + ref.abs().amax() * 1e-3 + 1e-6
-    bad = (out - ref).abs() > tolerance
-    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs differ; worst at {bad.nonzero()[:4].tolist()}"
-    assert (out - ref).norm() <= 2**-8 * ref.norm()
+    ref = et_int4.w4a8_reference(x, qdata, scale, zero, group_size)
+    assert_within_one_rounding(out, ref)
+    assert rel_error(out, ref) <= 2**-8
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -69,7 +51,7 @@ def test_matches_reference_for_every_m(n, k, group_size):
         pytest.skip(f"group_size {group_size} does not divide K={k}")
     gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + group_size)
     for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
-        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen)
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda")
         poison_next_output(m, n)
         out = run_op(x, qdata, scale, zero, group_size)
         assert_matches_reference(out, x, qdata, scale, zero, group_size)
@@ -80,14 +62,14 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
     # Group sizes that are no power of two and K % 128 != 0 take the per-block scale path.
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     for m in (1, 3, et_int4.SHIM_GEMM_MAX_M):
-        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen)
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda")
         poison_next_output(m, n)
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
 def test_all_zero_activation_block_and_int8_qdata():
     gen = torch.Generator(device="cuda").manual_seed(5)
-    x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen)
+    x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen, device="cuda")
     x[1, 64:96] = 0  # d == 0 for that block
     out = run_op(x, qdata.view(torch.int8), scale, zero, 32)
     assert_matches_reference(out, x, qdata, scale, zero, 32)
@@ -96,7 +78,7 @@ def test_all_zero_activation_block_and_int8_qdata():
 def test_cuda_graph_capture_and_replay():
     gen = torch.Generator(device="cuda").manual_seed(11)
     m, n, k, gs = 5, 4096, 4096, 32
-    x, qdata, scale, zero = random_operands(m, n, k, gs, generator=gen)
+    x, qdata, scale, zero = random_operands(m, n, k, gs, generator=gen, device="cuda")
     static_x = x.clone()
     run_op(static_x, qdata, scale, zero, gs)  # warm up outside the capture
     torch.cuda.synchronize()
@@ -104,7 +86,7 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         static_out = run_op(static_x, qdata, scale, zero, gs)
     for _ in range(3):
-        new_x = random_operands(m, n, k, gs, generator=gen)[0]
+        new_x = random_operands(m, n, k, gs, generator=gen, device="cuda")[0]
         static_x.copy_(new_x)
         static_out.fill_(float("nan"))
         graph.replay()
@@ -114,7 +96,7 @@ def test_cuda_graph_capture_and_replay():
 
 def test_two_streams_run_concurrently_and_correctly():
     gen = torch.Generator(device="cuda").manual_seed(13)
-    cases = [random_operands(m, 4096, 4096, 128, generator=gen) for m in (3, 8)]
+    cases = [random_operands(m, 4096, 4096, 128, generator=gen, device="cuda") for m in (3, 8)]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     outs = []
     torch.cuda.synchronize()
@@ -129,7 +111,7 @@ def test_two_streams_run_concurrently_and_correctly():
 
 def test_bad_input_on_cuda_raises_and_the_process_goes_on():
     gen = torch.Generator(device="cuda").manual_seed(17)
-    x, qdata, scale, zero = random_operands(2, 64, 256, 32, generator=gen)
+    x, qdata, scale, zero = random_operands(2, 64, 256, 32, generator=gen, device="cuda")
     with pytest.raises(runtime.ShimError, match="expected every tensor on cuda"):
         runtime.plain_mm(x, qdata.cpu(), scale, zero, 32, 4)
     with pytest.raises(runtime.ShimError, match="16-byte aligned"):

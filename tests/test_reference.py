@@ -7,6 +7,7 @@ import torch
 
 from et_int4 import pack_int4, w4a8_reference
 from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
+from numerics import rel_error
 
 
 def _packed(n: int, k: int, group_size: int, asymmetric: bool):
@@ -24,10 +25,6 @@ def _exact(x: torch.Tensor, weights) -> torch.Tensor:
     w = (qdata.double() - zero_point.double().repeat_interleave(group_size, 1)) \
         * scale.double().repeat_interleave(group_size, 1)
     return x.double() @ w.T
-
-
-def _rel_error(y: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((y.double() - exact).norm() / exact.norm())
 
 
 def _activations(m: int, k: int, outliers: bool) -> torch.Tensor:
@@ -69,7 +66,7 @@ def test_zero_block_has_no_nan() -> None:
     packed, weights = _packed(16, 128, 64, asymmetric=True)
     y = w4a8_reference(x, packed.qdata, packed.scale, packed.zero, packed.group_size)
     assert bool(torch.isfinite(y.float()).all())
-    assert _rel_error(y, _exact(x, weights)) < 1e-2
+    assert rel_error(y, _exact(x, weights)) < 1e-2
     x[:] = 0
     y = w4a8_reference(x, packed.qdata, packed.scale, packed.zero, packed.group_size)
     assert not bool(y.any())
@@ -114,7 +111,7 @@ def test_close_to_exact(m: int, group_size: int, asymmetric: bool, outliers: boo
     packed, weights = _packed(n, k, group_size, asymmetric)
     y = w4a8_reference(x, packed.qdata, packed.scale, packed.zero, group_size)
     # int8 blocks of 32 cost ~0.6 %; an outlier coarsens its block's step, hence more room.
-    assert _rel_error(y, _exact(x, weights)) < (2e-2 if outliers else 1e-2)
+    assert rel_error(y, _exact(x, weights)) < (2e-2 if outliers else 1e-2)
 
 
 def test_int8_qdata_is_read_as_bytes() -> None:
@@ -133,4 +130,4 @@ def test_large_shape() -> None:
     y = w4a8_reference(x, packed.qdata, packed.scale, packed.zero, 32)
     assert y.shape == (m, n)
     rows = slice(n - 512, n)
-    assert _rel_error(y[:, rows], _exact(x, tuple(w[rows] for w in weights))) < 1e-2
+    assert rel_error(y[:, rows], _exact(x, tuple(w[rows] for w in weights))) < 1e-2

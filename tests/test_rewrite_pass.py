@@ -10,6 +10,7 @@ from torch.export import Dim
 import et_int4
 from et_int4.backends.cuda.int4.packing import pack_torchao_weight
 from models import MLP, Tied, export, mlp_program, quantized
+from numerics import rel_error
 
 OP = torch.ops.et_int4.et_int4_plain_mm.default
 DEQUANTIZE = torch.ops.torchao.dequantize_affine.default
@@ -25,10 +26,6 @@ def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
     y = et_int4.w4a8_reference(x.reshape(-1, x.shape[-1]), packed.qdata, packed.scale, packed.zero,
                                packed.group_size).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
-
-
-def _rel_error(y: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((y.double() - expected.double()).norm() / expected.double().norm())
 
 
 @pytest.mark.parametrize("shape", [(3,), (1, 4), (2, 2)], ids=str)
@@ -53,7 +50,7 @@ def test_rewritten_mlp_is_the_reference(shape: tuple[int, ...], asymmetric: bool
     assert y.shape == (*shape, 32)
     assert torch.equal(y, expected)
     # W4A8 against the W4A16 dequantize + linear it replaces.
-    assert _rel_error(y, original) < 3e-2
+    assert rel_error(y, original) < 3e-2
 
 
 def test_signature_state_dict_and_constants() -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import et_int4
 from et_int4 import runtime
+from numerics import assert_within_one_rounding, random_operands
 
 REPO = Path(__file__).resolve().parents[1]
 SAFE_SUBSET = REPO.parent / "shared" / "executorch-abi" / "safe_subset.txt"
@@ -37,22 +38,16 @@ def _delete(handles):
             runtime._libtorch().aoti_torch_delete_tensor_object(h)
 
 
+def small_operands():
+    return random_operands(2, 8, 64, 32, generator=torch.Generator().manual_seed(0))
+
+
 def call_abi(device, tensors, group_size, max_m):
     handles = _handles(tensors)
     try:
         return runtime.call_entry(device, handles, group_size, max_m)
     finally:
         _delete(handles)
-
-
-def random_operands(m, n, k, group_size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = k // group_size
-    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).bfloat16()
-    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
-    scale = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).bfloat16()
-    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, generator=g)
-    return x, qdata, scale, zero
 
 
 @requires_library
@@ -84,17 +79,16 @@ def test_shim_limit_is_the_package_limit():
 @requires_library
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 17, 4224, 96), (8, 40, 512, 256), (5, 1, 32, 32)])
 def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
-    operands = random_operands(m, n, k, group_size, seed=m * n + k)
+    operands = random_operands(m, n, k, group_size,
+                               generator=torch.Generator().manual_seed(m * n + k))
     code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
     assert code == 0, message
-    ref = et_int4.w4a8_reference(*operands, group_size).float()
-    # Same numerics, other fp32 summation order: within one bf16 rounding.
-    assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + ref.abs().amax() * 1e-3).all()
+    assert_within_one_rounding(out, et_int4.w4a8_reference(*operands, group_size))
 
 
 @requires_library
 def test_null_output_pointer_is_refused():
-    handles = _handles(list(random_operands(2, 8, 64, 32)))
+    handles = _handles(list(small_operands()))
     try:
         fn = runtime.load().aoti_torch_cpu_et_int4_plain_mm
         assert fn(*handles, 32, 4, None) != 0
@@ -105,7 +99,7 @@ def test_null_output_pointer_is_refused():
 
 @requires_library
 def test_cuda_entry_point_refuses_cpu_tensors():
-    code, out, message = call_abi("cuda", list(random_operands(2, 8, 64, 32)), 32, 4)
+    code, out, message = call_abi("cuda", list(small_operands()), 32, 4)
     assert code != 0 and out is None
     assert "cuda" in message
 
@@ -187,8 +181,8 @@ def test_abi_refuses_bad_input_and_computes_good_input(call):
     if not bad:
         assert code == 0, message
         x, qdata, scale, zero = tensors
-        ref = et_int4.w4a8_reference(x, qdata.view(torch.uint8), scale, zero, group_size).float()
-        assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + ref.abs().amax() * 1e-3 + 1e-6).all()
+        ref = et_int4.w4a8_reference(x, qdata.view(torch.uint8), scale, zero, group_size)
+        assert_within_one_rounding(out, ref)
         return
     assert code != 0 and out is None
     named = re.match(r"et_int4_plain_mm: (\w+)", message)

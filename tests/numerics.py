@@ -1,0 +1,34 @@
+"""Random operands of the op and the comparisons the tests make against the reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator,
+                    device: str = "cpu"):
+    """Random packed weights with asymmetric zeros, activations with a few large outliers:
+    ``(x, qdata, scale, zero)`` in the op's format."""
+    groups = k // group_size
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
+    scale = (torch.rand(n, groups, device=device, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, device=device, generator=generator)
+    x = torch.randn(m, k, device=device, generator=generator)
+    outliers = torch.rand(m, k, device=device, generator=generator) < 0.01
+    x = torch.where(outliers, x * 50, x).to(torch.bfloat16)
+    return x, qdata, scale, zero
+
+
+def assert_within_one_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """The reference's numerics up to fp32 summation order: at most about one bf16 rounding apart."""
+    out, ref = out.float(), ref.float()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    tolerance = ref.abs() * 2**-7 + ref.abs().amax() * 1e-3 + 1e-6
+    bad = (out - ref).abs() > tolerance
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs differ; worst at {bad.nonzero()[:4].tolist()}"
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())

@@ -160,6 +160,9 @@ def abi_calls(draw):
         if t is None or list(t.shape) != wanted[name] or t.dtype not in DTYPES[name][:2 if name == "qdata" else 1] \
                 or not t.is_contiguous():
             bad.add(name)
+        if change == "rows" and name != "self":
+            # N is qdata's row count: a disagreement on N may be reported on any of the three.
+            bad |= {"qdata", "scale", "zero"}
     if not 1 <= max_m <= limit:
         bad.add("max_m")
     if not 1 <= m <= max_m:

@@ -8,13 +8,17 @@ code compiled against ``aoti_torch_cuda_et_int4_plain_mm`` finds it too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from et_int4.backends.cuda.int4.aoti import c_shim_name
 
 __all__ = [
     "ShimError",
@@ -99,7 +103,7 @@ def load() -> ctypes.CDLL:
     _libtorch()
     lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
     for device in ("cpu", "cuda"):
-        fn = getattr(lib, f"aoti_torch_{device}_et_int4_plain_mm")
+        fn = getattr(lib, c_shim_name(device))
         fn.argtypes = _ENTRY_ARGTYPES
         fn.restype = ctypes.c_int32
     lib.et_int4_shim_gemm_max_m.restype = ctypes.c_int64
@@ -123,6 +127,20 @@ _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _capsule_new.restype = ctypes.py_object
 
 
+@contextlib.contextmanager
+def tensor_handles(tensors: list) -> Iterator[list]:
+    """New AOTI handles for ``tensors`` (None gives a null handle), deleted on exit."""
+    present = [t for t in tensors if t is not None]
+    capsules = iter(torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(present))
+    handles = [None if t is None else _capsule_pointer(next(capsules), None) for t in tensors]
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            if h is not None:
+                _libtorch().aoti_torch_delete_tensor_object(h)
+
+
 def call_entry(device: str, handles: list, group_size: int, max_m: int):
     """Call ``aoti_torch_<device>_et_int4_plain_mm`` on raw AOTI handles (None for a null handle).
 
@@ -130,7 +148,7 @@ def call_entry(device: str, handles: list, group_size: int, max_m: int):
     """
     lib = load()
     out = _HANDLE()
-    code = getattr(lib, f"aoti_torch_{device}_et_int4_plain_mm")(
+    code = getattr(lib, c_shim_name(device))(
         *handles, ctypes.c_int64(group_size), ctypes.c_int64(max_m), ctypes.byref(out))
     if code != 0:
         return code, None, lib.et_int4_last_error().decode()
@@ -141,13 +159,8 @@ def call_entry(device: str, handles: list, group_size: int, max_m: int):
 def plain_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              group_size: int, max_m: int) -> torch.Tensor:
     """Run the shim's entry point for ``x.device`` on tensors: the eager path of the op."""
-    capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x, qdata, scale, zero])
-    handles = [_capsule_pointer(c, None) for c in capsules]
-    try:
+    with tensor_handles([x, qdata, scale, zero]) as handles:
         code, result, message = call_entry(x.device.type, handles, group_size, max_m)
-    finally:
-        for h in handles:
-            _libtorch().aoti_torch_delete_tensor_object(h)
     if code != 0:
         raise ShimError(message or f"et_int4 shim failed with code {code}")
     return result

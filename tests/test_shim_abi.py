@@ -25,29 +25,13 @@ requires_library = pytest.mark.skipif(
     runtime.library_path() is None, reason="libet_int4 is not built (pip install --no-build-isolation .)")
 
 
-def _handles(tensors):
-    """New AOTI handles for tensors (None stays a null handle); delete them with _delete."""
-    present = [t for t in tensors if t is not None]
-    capsules = iter(torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(present))
-    return [None if t is None else runtime._capsule_pointer(next(capsules), None) for t in tensors]
-
-
-def _delete(handles):
-    for h in handles:
-        if h is not None:
-            runtime._libtorch().aoti_torch_delete_tensor_object(h)
-
-
 def small_operands():
     return random_operands(2, 8, 64, 32, generator=torch.Generator().manual_seed(0))
 
 
 def call_abi(device, tensors, group_size, max_m):
-    handles = _handles(tensors)
-    try:
+    with runtime.tensor_handles(tensors) as handles:
         return runtime.call_entry(device, handles, group_size, max_m)
-    finally:
-        _delete(handles)
 
 
 @requires_library
@@ -88,12 +72,9 @@ def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
 
 @requires_library
 def test_null_output_pointer_is_refused():
-    handles = _handles(list(small_operands()))
-    try:
+    with runtime.tensor_handles(list(small_operands())) as handles:
         fn = runtime.load().aoti_torch_cpu_et_int4_plain_mm
         assert fn(*handles, 32, 4, None) != 0
-    finally:
-        _delete(handles)
     assert "ret0" in runtime.load().et_int4_last_error().decode()
 
 

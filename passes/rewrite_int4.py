@@ -195,8 +195,8 @@ def _match(ep: ExportedProgram, linear: fx.Node) -> tuple[_Int4Linear | None, st
     if not all(_is_op(n, _ACCESS_INNER) for n in inner):
         return None, "the weight is not a torchao tensor-subclass parameter (IntxUnpackedToInt8Tensor)"
     weight = inner[0].args[0]
-    if (any(n.args != (weight, field) for n, field in zip(inner, _WEIGHT_FIELDS))
-            or weight.op != "placeholder" or _lifted_tensor(ep, weight) is None):
+    tensor = _lifted_tensor(ep, weight) if weight.op == "placeholder" else None
+    if any(n.args != (weight, field) for n, field in zip(inner, _WEIGHT_FIELDS)) or tensor is None:
         return None, "qdata, scale and zero_point are not the inner tensors of one weight parameter"
     k = linear.args[0].meta["val"].shape[-1]
     block_size = list(args["block_size"])
@@ -206,7 +206,6 @@ def _match(ep: ExportedProgram, linear: fx.Node) -> tuple[_Int4Linear | None, st
     if group_size % GROUP_MULTIPLE or k % group_size:
         return None, (f"the kernel takes a group size that is a multiple of {GROUP_MULTIPLE} and "
                       f"divides K={k}, got {group_size}")
-    tensor = _lifted_tensor(ep, weight)
     if (tensor.scale.dtype, tensor.zero_point.dtype) != (torch.bfloat16, torch.int8):
         return None, (f"the kernel takes bfloat16 scales and int8 zero points, got "
                       f"{tensor.scale.dtype} and {tensor.zero_point.dtype}")

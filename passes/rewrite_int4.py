@@ -38,7 +38,7 @@ from torch.utils._sympy.value_ranges import bound_sympy
 
 from et_int4.backends.cuda.int4.limits import DispatchLimitError, resolve_matvec_max_m
 from et_int4.backends.cuda.int4.op import et_int4_plain_mm
-from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE, pack_torchao_weight
+from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE, TILE_ROWS, pack_torchao_weight, weight_shape
 
 __all__ = ["Int4LinearDecision", "explain_int4_linears", "rewrite_int4_linears"]
 
@@ -206,6 +206,9 @@ def _match(ep: ExportedProgram, linear: fx.Node) -> tuple[_Int4Linear | None, st
     if group_size % GROUP_MULTIPLE or k % group_size:
         return None, (f"the kernel takes a group size that is a multiple of {GROUP_MULTIPLE} and "
                       f"divides K={k}, got {group_size}")
+    if tensor.qdata.shape[0] % TILE_ROWS:
+        return None, (f"the kernel takes weights in tiles of {TILE_ROWS} output rows, got "
+                      f"N={tensor.qdata.shape[0]}")
     if (tensor.scale.dtype, tensor.zero_point.dtype) != (torch.bfloat16, torch.int8):
         return None, (f"the kernel takes bfloat16 scales and int8 zero points, got "
                       f"{tensor.scale.dtype} and {tensor.zero_point.dtype}")
@@ -249,7 +252,7 @@ class _Rewriter:
         x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
         qdata, scale, zero = self._constants_for(match.weight)
         x_val = x.meta["val"]
-        k, n = x_val.shape[-1], qdata.meta["val"].shape[0]
+        k, n = x_val.shape[-1], weight_shape(qdata.meta["val"])[0]
         with self.graph.inserting_before(linear):
             x2d = x if x_val.dim() == 2 else self._emit(linear, _aten.reshape.default, x, [-1, k])
             y = self._emit(linear, et_int4_plain_mm.default, x2d, qdata, scale, zero,

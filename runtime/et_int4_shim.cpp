@@ -4,11 +4,10 @@
 
 #include <cstdio>
 #include <string>
+#include <tuple>
 
-#include "runtime/cpu_reference.h"
-#ifdef ET_INT4_WITH_CUDA
 #include "backends/cuda/int4/int4_mm.h"
-#endif
+#include "runtime/cpu_reference.h"
 
 // PyTorch's header declares these only under USE_CUDA; every ExecuTorch CUDA runtime defines them.
 // Weak, so that the library also loads into a CPU-only host (its CUDA entry point then says so).
@@ -27,7 +26,6 @@ constexpr AOTITorchError kOk = 0;
 constexpr AOTITorchError kFailure = 1;
 // c10::ScalarType codes (stable; see shared/executorch-abi/README.md).
 constexpr int32_t kUInt8 = 0, kInt8 = 1, kBFloat16 = 15;
-constexpr int64_t kBlockK = 32;
 
 thread_local std::string last_error;
 
@@ -84,8 +82,9 @@ AOTITorchError inspect(AtenTensorHandle t, const char* name, int32_t dtype_a, in
     return fail(std::string(name) + ": expected dtype " + dtype_expected + ", got " + dtype_name(dtype) +
                 " (code " + std::to_string(dtype) + ")");
   }
-  // Row-major and dense; a dimension of size 1 may have any stride.
-  if ((sizes[1] > 1 && strides[1] != 1) || (sizes[0] > 1 && strides[0] != sizes[1])) {
+  // Row-major and dense; a dimension of size 1 may have any stride, and so may an empty tensor.
+  if (sizes[0] * sizes[1] != 0 &&
+      ((sizes[1] > 1 && strides[1] != 1) || (sizes[0] > 1 && strides[0] != sizes[1]))) {
     return fail(std::string(name) + ": expected a contiguous row-major tensor, got shape " +
                 shape_str(sizes, 2) + " with strides " + shape_str(strides, 2) +
                 "; call .contiguous() first");
@@ -134,7 +133,6 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
 
   p.m = p.x.sizes[0];
   p.k = p.x.sizes[1];
-  p.n = p.qdata.sizes[0];
   if (max_m < 1 || max_m > ET_INT4_SHIM_GEMM_MAX_M) {
     return fail("max_m: expected 1 <= max_m <= SHIM_GEMM_MAX_M = " +
                 std::to_string(ET_INT4_SHIM_GEMM_MAX_M) + ", got " + std::to_string(max_m) +
@@ -145,11 +143,22 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
     return fail("self: expected 1 <= M <= max_m = " + std::to_string(max_m) + " rows, got M = " +
                 std::to_string(p.m));
   }
-  if (group_size < kBlockK || group_size % kBlockK != 0 || p.k % group_size != 0) {
+  if (p.k < et_int4::kBlockK) {
+    return fail("self: expected K >= " + std::to_string(et_int4::kBlockK) +
+                " (one activation block), got K = " + std::to_string(p.k));
+  }
+  if (group_size < et_int4::kBlockK || group_size % et_int4::kBlockK != 0 || p.k % group_size != 0) {
     return fail("group_size: expected a multiple of 32 that divides K = " + std::to_string(p.k) +
                 ", got " + std::to_string(group_size));
   }
-  if (p.n < 1) return fail("qdata: expected at least one output row, got N = 0");
+  if (p.qdata.sizes[1] == p.k / 2) {
+    return fail("qdata: expected the tiled layout [N/32, 16*K], got shape " + shape_str(p.qdata.sizes, 2) +
+                ", the row-major [N, K/2] layout of et-int4 0.1: re-export the program "
+                "(rewrite_int4_linears / pack_int4 repack the weights)");
+  }
+  const int64_t tiles = p.qdata.sizes[0];
+  if (tiles < 1) return fail("qdata: expected at least one tile of 32 output rows, got N = 0");
+  p.n = tiles * et_int4::kTileRows;
   const int64_t groups = p.k / group_size;
   const auto expect_shape = [&](const TensorInfo& t, const char* name, int64_t rows, int64_t cols,
                                 const char* why) -> AOTITorchError {
@@ -157,9 +166,13 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
     return fail(std::string(name) + ": expected shape [" + std::to_string(rows) + ", " +
                 std::to_string(cols) + "] " + why + ", got " + shape_str(t.sizes, 2));
   };
-  if (AOTITorchError e = expect_shape(p.qdata, "qdata", p.n, p.k / 2, "([N, K/2] for K from self)")) return e;
-  if (AOTITorchError e = expect_shape(p.scale, "scale", p.n, groups, "([N, K/group_size])")) return e;
-  if (AOTITorchError e = expect_shape(p.zero, "zero", p.n, groups, "([N, K/group_size])")) return e;
+  const int64_t record = et_int4::kTileBlockBytes;
+  if (AOTITorchError e = expect_shape(p.qdata, "qdata", tiles, p.k / et_int4::kBlockK * record,
+                                      "([N/32, 16*K], tiled, for K from self)")) return e;
+  if (AOTITorchError e = expect_shape(p.scale, "scale", tiles, groups * et_int4::kTileRows,
+                                      "([N/32, 32*K/group_size], tiled)")) return e;
+  if (AOTITorchError e = expect_shape(p.zero, "zero", tiles, groups * et_int4::kTileRows,
+                                      "([N/32, 32*K/group_size], tiled)")) return e;
   if (p.n > INT32_MAX || p.k > INT32_MAX) {
     return fail("expected N and K below 2^31, got N = " + std::to_string(p.n) + ", K = " + std::to_string(p.k));
   }
@@ -215,9 +228,13 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
     return fail("the host process has no CUDA runtime (its aoti_torch_* CUDA functions are missing); "
                 "load libet_int4 into a CUDA build of PyTorch or an ExecuTorch CUDA runtime");
   }
-  if (reinterpret_cast<uintptr_t>(p.qdata.data) % 16 != 0) {
-    return fail("qdata: expected 16-byte aligned data (the kernels load 16 bytes at a time), got an "
-                "offset view; pass a freshly allocated tensor");
+  // The kernels load 16 bytes of nibbles, 8 of scales and 4 of zeros at a time.
+  for (const auto& [t, name, bytes] : {std::tuple{&p.qdata, "qdata", 16}, std::tuple{&p.scale, "scale", 8},
+                                       std::tuple{&p.zero, "zero", 4}}) {
+    if (reinterpret_cast<uintptr_t>(t->data) % bytes != 0) {
+      return fail(std::string(name) + ": expected " + std::to_string(bytes) +
+                  "-byte aligned data, got an offset view; pass a freshly allocated tensor");
+    }
   }
   EtInt4CudaGuard* guard = nullptr;
   if (aoti_torch_create_cuda_guard(p.x.device_index, &guard)) {
@@ -226,7 +243,7 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   void* stream = nullptr;
   AtenTensorHandle workspace = nullptr;
   AOTITorchError result = kOk;
-  const int64_t ws_sizes[1] = {static_cast<int64_t>(et_int4::cuda::workspace_bytes(p.m, p.k))};
+  const int64_t ws_sizes[1] = {static_cast<int64_t>(et_int4::cuda::workspace_bytes(p.m, p.n, p.k))};
   const int64_t ws_strides[1] = {1};
   if (aoti_torch_get_current_cuda_stream(p.x.device_index, &stream)) {
     result = fail("could not get the current CUDA stream of device " + std::to_string(p.x.device_index));

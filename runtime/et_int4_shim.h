@@ -27,16 +27,19 @@ extern "C" {
 #endif
 
 // y[M, N] = x[M, K] @ W^T with W4A8 numerics: activations quantized per 32-element block to
-// int8, int32 block dot products, fp32 accumulation, bf16 output.
-//   self  [M, K]    bfloat16, row-major
-//   qdata [N, K/2]  uint8 (int8 accepted), row-major: low nibble = even k, value = q + 8
-//   scale [N, K/gs] bfloat16, row-major
-//   zero  [N, K/gs] int8, zero point in the +8 domain of qdata
-//   group_size      a multiple of 32 that divides K
-//   max_m           MATVEC_MAX_M at export time: 1 <= M <= max_m <= ET_INT4_SHIM_GEMM_MAX_M
-//   ret0            receives a new [M, N] bfloat16 tensor owned by the caller
-// Returns 0 on success. On bad input nothing runs, the result is non-zero, and one line saying
-// what was expected and what came is printed to stderr and kept for et_int4_last_error().
+// int8, int32 block dot products, fp32 accumulation, bf16 output. A block holding NaN or Inf
+// makes every output it feeds NaN.
+//   self  [M, K]                     bfloat16, row-major, K >= 32
+//   qdata [N/32, 16*K]               uint8 (int8 accepted): u = q + 8 nibbles in the tiled layout of
+//                                    backends/cuda/int4/int4_mm.h (N a multiple of 32)
+//   scale [N/32, 32*K/group_size]    bfloat16, tiled likewise
+//   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise
+//   group_size                       a multiple of 32 that divides K
+//   max_m                            MATVEC_MAX_M at export time: 1 <= M <= max_m <= ET_INT4_SHIM_GEMM_MAX_M
+//   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller
+// Returns 0 on success. On bad input (a qdata of the old row-major [N, K/2] layout included) nothing
+// runs, the result is non-zero, and one line saying what was expected and what came is printed to
+// stderr and kept for et_int4_last_error().
 ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
     AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale, AtenTensorHandle zero,
     int64_t group_size, int64_t max_m, AtenTensorHandle* ret0);

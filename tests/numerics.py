@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from et_int4.backends.cuda.int4.packing import tile_weights, unpack_nibbles, untile_weights
+from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
+
 
 def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator,
                     device: str = "cpu"):
     """Random packed weights with asymmetric zeros, activations with a few large outliers:
-    ``(x, qdata, scale, zero)`` in the op's format."""
+    ``(x, qdata, scale, zero)`` in the op's (tiled) format."""
     groups = k // group_size
     qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
     scale = (torch.rand(n, groups, device=device, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
     zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, device=device, generator=generator)
+    qdata, scale, zero = tile_weights(qdata, scale, zero)
     x = torch.randn(m, k, device=device, generator=generator)
     outliers = torch.rand(m, k, device=device, generator=generator) < 0.01
     x = torch.where(outliers, x * 50, x).to(torch.bfloat16)
@@ -32,3 +36,14 @@ def assert_within_one_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def w4a8_float64(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """The W4A8 numerics in float64 (same int8 activations and block scales), float64 [M, N]."""
+    q, d = quantize_activation_blocks(x.cpu())
+    rows, s, z = untile_weights(qdata.cpu(), scale.cpu(), zero.cpu())
+    u = unpack_nibbles(rows).double()
+    w = (u - z.double().repeat_interleave(group_size, 1)) * s.double().repeat_interleave(group_size, 1)
+    xq = q.double() * d.double().repeat_interleave(32, 1)
+    return xq @ w.T

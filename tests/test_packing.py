@@ -1,4 +1,5 @@
-"""pack_int4 / unpack_int4: the op's nibble format, its exact inverse, and what it refuses."""
+"""pack_int4 / unpack_int4 and tile_weights / untile_weights: the op's tiled nibble format, its
+exact inverses, and what pack_int4 refuses."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from et_int4 import PackedInt4, pack_int4, unpack_int4
-from et_int4.backends.cuda.int4.packing import pack_torchao_weight
+from et_int4.backends.cuda.int4.packing import (
+    TILE_ROWS,
+    pack_torchao_weight,
+    tile_weights,
+    untile_weights,
+    weight_shape,
+)
 from models import MLP, quantized
 
 
@@ -25,36 +32,104 @@ def _weights(n: int, k: int, group_size: int, asymmetric: bool, seed: int = 0):
     return qdata, scale, zero_point
 
 
+def _row_major_nibbles(qdata: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] from int8 [N, K] in [-8, 7]: u = q + 8, low nibble = even k (et-int4 0.1's format)."""
+    u = (qdata.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 24), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
+@given(tiles=st.integers(1, 3), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
        asymmetric=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_round_trip(n: int, groups: int, group_size: int, asymmetric: bool, seed: int) -> None:
-    k = groups * group_size
+def test_round_trip(tiles: int, groups: int, group_size: int, asymmetric: bool, seed: int) -> None:
+    n, k = tiles * TILE_ROWS, groups * group_size
     qdata, scale, zero_point = _weights(n, k, group_size, asymmetric, seed)
     packed = pack_int4(qdata, scale, zero_point)
     assert packed.group_size == group_size
-    assert packed.shape == (n, k)
-    assert (packed.qdata.dtype, packed.qdata.shape) == (torch.uint8, (n, k // 2))
-    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (n, groups))
-    assert packed.scale.dtype == torch.bfloat16
-    # Low nibble = even k, value q + 8; zero point in the same +8 domain.
-    assert torch.equal((packed.qdata & 0xF).to(torch.int8) - 8, qdata[:, 0::2])
-    assert torch.equal((packed.qdata >> 4).to(torch.int8) - 8, qdata[:, 1::2])
-    assert torch.equal(packed.zero, zero_point + 8)
+    assert packed.shape == (n, k) and weight_shape(packed.qdata) == (n, k)
+    assert (packed.qdata.dtype, packed.qdata.shape) == (torch.uint8, (tiles, 16 * k))
+    assert (packed.scale.dtype, packed.scale.shape) == (torch.bfloat16, (tiles, 32 * groups))
+    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * groups))
+    # Low nibble = even k, value q + 8; zero point in the same +8 domain; then tiled.
+    expected = tile_weights(_row_major_nibbles(qdata), scale, zero_point + 8)
+    assert all(torch.equal(a, b) for a, b in zip((packed.qdata, packed.scale, packed.zero), expected))
     assert int(packed.zero.min()) >= 0 and int(packed.zero.max()) <= 15
     q, s, z = unpack_int4(packed)
     assert q.dtype == torch.int8 and z.dtype == torch.int8
     assert torch.equal(q, qdata) and torch.equal(s, scale) and torch.equal(z, zero_point)
 
 
+@settings(max_examples=40, deadline=None)
+@given(tiles=st.integers(1, 4), blocks=st.integers(1, 6), groups=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_tile_untile_round_trip_is_exact(tiles: int, blocks: int, groups: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    n, k = tiles * TILE_ROWS, blocks * 32
+    rows = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    # Any bit pattern, NaNs included, must come back bit for bit.
+    scale = torch.randint(-2**15, 2**15, (n, groups), dtype=torch.int16, generator=gen).view(torch.bfloat16)
+    zero = torch.randint(-128, 128, (n, groups), dtype=torch.int8, generator=gen)
+    tiled = tile_weights(rows, scale, zero)
+    assert [(t.dtype, tuple(t.shape)) for t in tiled] == [
+        (torch.uint8, (tiles, 16 * k)), (torch.bfloat16, (tiles, 32 * groups)), (torch.int8, (tiles, 32 * groups))]
+    assert weight_shape(tiled[0]) == (n, k)
+    back = untile_weights(*tiled)
+    assert [(t.dtype, tuple(t.shape)) for t in back] == [
+        (torch.uint8, (n, k // 2)), (torch.bfloat16, (n, groups)), (torch.int8, (n, groups))]
+    assert torch.equal(back[0], rows) and torch.equal(back[2], zero)
+    assert torch.equal(back[1].view(torch.int16), scale.view(torch.int16))
+    # And the other way: untile is a bijection, so tiling what it gives back is the identity too.
+    again = tile_weights(*back)
+    assert torch.equal(again[0], tiled[0]) and torch.equal(again[2], tiled[2])
+    assert torch.equal(again[1].view(torch.int16), tiled[1].view(torch.int16))
+
+
+def test_tiled_lane_layout_by_brute_force() -> None:
+    """The layout int4_mm.h documents, element by element: for tile T, block b and lane l = 4g + t,
+    word i of the lane's 16 bytes is row-major word 4b + t (k = 32b + 8t .. 32b + 8t + 7) of row
+    32T + 8i + g; scales and zeros of group c at 32c + 4g + i."""
+    gen = torch.Generator().manual_seed(7)
+    tiles, blocks, groups = 2, 3, 3
+    n, k = tiles * TILE_ROWS, blocks * 32
+    rows = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scale = torch.randn(n, groups, generator=gen).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, generator=gen)
+    qdata, tiled_scale, tiled_zero = tile_weights(rows, scale, zero)
+    checked = 0
+    for tile in range(tiles):
+        for b in range(blocks):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                record = qdata[tile, b * 512 + lane * 16: b * 512 + (lane + 1) * 16]
+                for i in range(4):
+                    row, word = 32 * tile + 8 * i + g, 4 * b + t
+                    assert record[4 * i: 4 * i + 4].tolist() == rows[row, 4 * word: 4 * word + 4].tolist(), \
+                        (tile, b, lane, i)
+                    checked += 4
+        for c in range(groups):
+            for g in range(8):
+                for i in range(4):
+                    row = 32 * tile + 8 * i + g
+                    assert tiled_scale[tile, 32 * c + 4 * g + i].item() == scale[row, c].item()
+                    assert tiled_zero[tile, 32 * c + 4 * g + i].item() == zero[row, c].item()
+    assert checked == qdata.numel() == rows.numel()  # every byte, once
+
+
+@pytest.mark.parametrize("n", [1, 8, 24, 33, 48, 100])
+def test_pack_refuses_n_off_the_tiles(n: int) -> None:
+    with pytest.raises(ValueError, match=rf"tiles of {TILE_ROWS} output rows, got N={n} rows") as info:
+        pack_int4(*_weights(n, 64, 32, asymmetric=True))
+    assert "dequantize + linear" in str(info.value)
+
+
 def test_int8_view_unpacks_the_same() -> None:
-    packed = pack_int4(*_weights(8, 128, 64, asymmetric=True))
+    packed = pack_int4(*_weights(32, 128, 64, asymmetric=True))
     as_int8 = dataclasses.replace(packed, qdata=packed.qdata.view(torch.int8))
     assert all(torch.equal(a, b) for a, b in zip(unpack_int4(as_int8), unpack_int4(packed)))
 
 
 def test_packed_is_frozen() -> None:
-    packed = pack_int4(*_weights(2, 32, 32, asymmetric=False))
+    packed = pack_int4(*_weights(32, 32, 32, asymmetric=False))
     assert isinstance(packed, PackedInt4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         packed.group_size = 64
@@ -77,7 +152,7 @@ def test_pack_torchao_weight_rejects_plain_tensor() -> None:
 
 
 def _bad(**overrides):
-    qdata, scale, zero_point = _weights(4, 128, 64, asymmetric=True)
+    qdata, scale, zero_point = _weights(32, 128, 64, asymmetric=True)
     args = {"qdata": qdata, "scale": scale, "zero_point": zero_point}
     args.update({k: (v(args[k]) if callable(v) else v) for k, v in overrides.items()})
     return args
@@ -100,10 +175,10 @@ def _set(index, value):
     ({"qdata": lambda t: t.to(torch.uint8)}, "qdata", "torch.int8.*torch.uint8"),
     ({"scale": lambda t: t.float()}, "scale", "torch.bfloat16.*torch.float32"),
     ({"zero_point": lambda t: t.to(torch.bfloat16)}, "zero_point", "torch.int8.*torch.bfloat16"),
-    ({"qdata": lambda t: t.reshape(2, 2, 128)}, "qdata", r"2-D.*\(2, 2, 128\)"),
-    ({"scale": lambda t: t[:3]}, "scale", r"N=4.*\(3, 2\)"),
-    ({"scale": lambda t: torch.cat([t, t[:, :1]], 1)}, "scale", r"K=128.*\(4, 3\)"),
-    ({"zero_point": lambda t: t[:, :1]}, "zero_point", r"\(4, 2\).*\(4, 1\)"),
+    ({"qdata": lambda t: t.reshape(2, 16, 128)}, "qdata", r"2-D.*\(2, 16, 128\)"),
+    ({"scale": lambda t: t[:3]}, "scale", r"N=32.*\(3, 2\)"),
+    ({"scale": lambda t: torch.cat([t, t[:, :1]], 1)}, "scale", r"K=128.*\(32, 3\)"),
+    ({"zero_point": lambda t: t[:, :1]}, "zero_point", r"\(32, 2\).*\(32, 1\)"),
     ({"scale": lambda t: t.repeat(1, 4), "zero_point": lambda t: t.repeat(1, 4)},
      "group_size", "multiple of 32.*got 16"),
 ])

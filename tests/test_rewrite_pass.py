@@ -63,13 +63,18 @@ def test_signature_state_dict_and_constants() -> None:
     assert placeholders[-1] == "x"  # the constants go before the user inputs
     consts = {k: (v.dtype, tuple(v.shape)) for k, v in rewritten.constants.items()}
     assert consts == {
-        "up_proj.weight_et_int4_qdata": (torch.uint8, (96, 32)),
-        "up_proj.weight_et_int4_scale": (torch.bfloat16, (96, 2)),
-        "up_proj.weight_et_int4_zero": (torch.int8, (96, 2)),
-        "down_proj.weight_et_int4_qdata": (torch.uint8, (32, 48)),
-        "down_proj.weight_et_int4_scale": (torch.bfloat16, (32, 3)),
-        "down_proj.weight_et_int4_zero": (torch.int8, (32, 3)),
+        # Tiled: [N/32, 16*K] nibbles, [N/32, 32*K/group_size] scales and zeros (group_size 32).
+        "up_proj.weight_et_int4_qdata": (torch.uint8, (3, 1024)),
+        "up_proj.weight_et_int4_scale": (torch.bfloat16, (3, 64)),
+        "up_proj.weight_et_int4_zero": (torch.int8, (3, 64)),
+        "down_proj.weight_et_int4_qdata": (torch.uint8, (1, 1536)),
+        "down_proj.weight_et_int4_scale": (torch.bfloat16, (1, 96)),
+        "down_proj.weight_et_int4_zero": (torch.int8, (1, 96)),
     }
+    packed = pack_torchao_weight(ep.state_dict["up_proj.weight"])
+    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_qdata"], packed.qdata)
+    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_scale"], packed.scale)
+    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_zero"], packed.zero)
     for node in rewritten.graph.nodes:
         if node.op != "output":
             assert "val" in node.meta, node
@@ -160,6 +165,42 @@ def test_left_alone_with_a_reason(case: str, reason: str) -> None:
     rewritten = et_int4.rewrite_int4_linears(ep)
     assert OP not in _targets(rewritten)
     assert str(rewritten.graph) == str(ep.graph)
+
+
+class _Widths(nn.Module):
+    """Two int4 linears of one input: 48 output features (no whole tiles of 32 rows) and 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow = nn.Linear(64, 48, bias=False)
+        self.wide = nn.Linear(64, 64, bias=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.narrow(x), self.wide(x)
+
+
+def test_output_features_off_the_tiles_are_left_alone() -> None:
+    model = quantized(_Widths(), asymmetric=True)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    ep = export(model, x)
+    decisions = {d.name: d for d in et_int4.explain_int4_linears(ep)}
+    assert set(decisions) == {"narrow", "wide"}
+    assert not decisions["narrow"].routed
+    assert decisions["narrow"].reason.startswith("the kernel takes weights in tiles of 32 output rows")
+    assert "N=48" in decisions["narrow"].reason
+    assert decisions["wide"].routed
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    targets = _targets(rewritten)
+    assert targets.count(OP) == 1 and targets.count(DEQUANTIZE) == 1
+    op = next(n for n in rewritten.graph.nodes if n.target == OP)
+    assert op.meta["nn_module_stack"] and list(op.meta["nn_module_stack"].values())[-1][0] == "wide"
+    assert "narrow.weight" in rewritten.state_dict and "wide.weight" not in rewritten.state_dict
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        narrow, wide = rewritten.module()(x)
+        original_narrow, _ = ep.module()(x)
+    assert torch.equal(narrow, original_narrow)  # still dequantize + linear
+    assert torch.equal(wide, _linear(x, model.wide.weight, model.wide.bias))
 
 
 def test_plain_linears_are_not_listed() -> None:

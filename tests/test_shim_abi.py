@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 import et_int4
 from et_int4 import runtime
+from et_int4.backends.cuda.int4.packing import untile_weights
+from et_int4.backends.cuda.int4.reference import check_w4a8_args
 from numerics import assert_within_one_rounding, random_operands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ requires_library = pytest.mark.skipif(
 
 
 def small_operands():
-    return random_operands(2, 8, 64, 32, generator=torch.Generator().manual_seed(0))
+    return random_operands(2, 32, 64, 32, generator=torch.Generator().manual_seed(0))
 
 
 def call_abi(device, tensors, group_size, max_m):
@@ -61,7 +63,7 @@ def test_shim_limit_is_the_package_limit():
 
 
 @requires_library
-@pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 17, 4224, 96), (8, 40, 512, 256), (5, 1, 32, 32)])
+@pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 96, 4224, 96), (8, 160, 512, 256), (5, 32, 32, 32)])
 def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
     operands = random_operands(m, n, k, group_size,
                                generator=torch.Generator().manual_seed(m * n + k))
@@ -85,6 +87,50 @@ def test_cuda_entry_point_refuses_cpu_tensors():
     assert "cuda" in message
 
 
+def _old_layout_case():
+    """et-int4 0.1's row-major weights: qdata [N, K/2], scale and zero [N, K/gs]."""
+    x, qdata, scale, zero = small_operands()
+    return [x, *untile_weights(qdata, scale, zero)], 32
+
+
+def _old_qdata_case():
+    """Only qdata row-major [N, K/2]; scale and zero tiled."""
+    x, qdata, scale, zero = small_operands()
+    return [x, untile_weights(qdata, scale, zero)[0], scale, zero], 32
+
+
+def _k_case(k, m=1):
+    def case():
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        qdata = torch.zeros(1, 16 * k, dtype=torch.uint8)
+        return [x, qdata, torch.ones(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.int8)], 32
+    return case
+
+
+_K0_PY, _K0_ABI = r"self must be \[M, K\] with K >= 32, got K=0", r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 0$"
+_OLD_PY = r"qdata has shape \(32, 32\).*row-major.*re-export"
+_OLD_ABI = r"^et_int4_plain_mm: qdata: expected the tiled layout.*got shape \[32, 32\].*row-major.*re-export"
+
+
+@requires_library
+@pytest.mark.parametrize("case, python_pattern, abi_pattern", [
+    # (case, pattern of the Python check's ValueError, pattern of the C ABI's ShimError)
+    pytest.param(_old_layout_case, _OLD_PY, _OLD_ABI, id="old-row-major-layout"),
+    pytest.param(_old_qdata_case, _OLD_PY, _OLD_ABI, id="old-row-major-qdata"),
+    pytest.param(_k_case(0), _K0_PY, _K0_ABI, id="k-zero"),
+    # A fresh torch.empty(2, 0) has strides (1, 1): the shim must not call it non-contiguous.
+    pytest.param(_k_case(0, m=2), _K0_PY, _K0_ABI, id="k-zero-m2"),
+    pytest.param(_k_case(16, m=2), r"self must be \[M, K\] with K >= 32, got K=16",
+                 r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 16$", id="k-16"),
+])
+def test_python_check_and_c_abi_refuse_alike(case, python_pattern, abi_pattern):
+    tensors, group_size = case()
+    with pytest.raises(ValueError, match=python_pattern):
+        check_w4a8_args(*tensors, group_size, 4)
+    with pytest.raises(runtime.ShimError, match=abi_pattern):
+        runtime.plain_mm(*tensors, group_size, 4)
+
+
 DTYPES = {
     "self": [torch.bfloat16, torch.float32, torch.float16],
     "qdata": [torch.uint8, torch.int8, torch.int32],
@@ -92,6 +138,7 @@ DTYPES = {
     "zero": [torch.int8, torch.uint8],
 }
 ARGS = ("self", "qdata", "scale", "zero")
+WEIGHTS = {"qdata", "scale", "zero"}
 
 
 @st.composite
@@ -100,22 +147,30 @@ def abi_calls(draw):
     names of the arguments the ABI's rules say are wrong."""
     well_formed = draw(st.booleans())
     limit = et_int4.SHIM_GEMM_MAX_M
-    k = draw(st.sampled_from([32, 64, 96, 128, 256]))
     if well_formed:
+        k = draw(st.sampled_from([32, 64, 96, 128, 256]))
         max_m = draw(st.integers(1, limit))
         m = draw(st.integers(1, max_m))
-        n = draw(st.integers(1, 9))
+        tiles = draw(st.integers(1, 3))
         group_size = draw(st.sampled_from([g for g in (32, 64, 96, 128, 256) if k % g == 0]))
     else:
+        # K = 0 is left to test_python_check_and_c_abi_refuse_alike: the shim refuses empty
+        # [R > 1, 0] tensors as non-contiguous before it looks at K (see _EMPTY_STRIDES_BUG).
+        k = draw(st.sampled_from([16, 32, 64, 96, 128, 256]))
         max_m = draw(st.integers(-1, limit + 2))
         m = draw(st.integers(0, limit + 2))
-        n = draw(st.integers(0, 9))
+        tiles = draw(st.integers(0, 3))
         group_size = draw(st.sampled_from([0, 16, 32, 48, 64, 96, 128, 256]))
     groups = k // group_size if group_size else 1
-    wanted = {"self": [m, k], "qdata": [n, k // 2], "scale": [n, groups], "zero": [n, groups]}
-    tensors, bad = [], set()
+    n = 32 * tiles
+    # The tiled layout: N = 32 * qdata.shape[0].
+    wanted = {"self": [m, k], "qdata": [tiles, 16 * k], "scale": [tiles, 32 * groups],
+              "zero": [tiles, 32 * groups]}
+    row_major = {"self": [m, k], "qdata": [n, k // 2], "scale": [n, groups], "zero": [n, groups]}
+    tensors, bad, old_qdata = [], set(), False
     null = None if well_formed else draw(st.sampled_from((None,) + ARGS))
-    changes = ["none"] if well_formed else ["none"] * 4 + ["rows", "cols", "rank3", "rank1", "dtype", "layout"]
+    changes = ["none"] if well_formed else \
+        ["none"] * 4 + ["rows", "cols", "rank3", "rank1", "dtype", "layout", "row_major"]
     for name in ARGS:
         shape = list(wanted[name])
         change = draw(st.sampled_from(changes))
@@ -128,6 +183,8 @@ def abi_calls(draw):
             shape = [1] + shape
         elif change == "rank1":
             shape = [shape[0] * shape[1]]
+        elif change == "row_major":
+            shape = list(row_major[name])  # et-int4 0.1's layout (self is as before)
         shape = [max(s, 0) for s in shape]
         if change == "layout" and len(shape) == 2:
             t = torch.randint(0, 16, shape[::-1]).to(dtype).t()
@@ -142,25 +199,33 @@ def abi_calls(draw):
                 or not t.is_contiguous():
             bad.add(name)
         if change == "rows" and name != "self":
-            # N is qdata's row count: a disagreement on N may be reported on any of the three.
-            bad |= {"qdata", "scale", "zero"}
+            # N is 32 * qdata's row (tile) count: a disagreement on it may be reported on any of the three.
+            bad |= WEIGHTS
+        if change in ("rows", "cols") and name == "self":
+            # K (and M) come from self: a K that disagrees with the weights may be reported on the
+            # group size or on any weight.
+            bad |= {"group_size"} | WEIGHTS
+        if name == "qdata" and t is not None and t.dim() == 2 and t.shape[1] == k // 2:
+            old_qdata = True
     if not 1 <= max_m <= limit:
         bad.add("max_m")
     if not 1 <= m <= max_m:
         bad |= {"self", "max_m"}
+    if k < 32:
+        bad.add("self")
     if group_size < 32 or group_size % 32 or k % group_size:
         bad |= {"group_size", "scale", "zero"}
-    if n < 1:
-        bad |= {"qdata", "scale", "zero"}
+    if tiles < 1:
+        bad |= WEIGHTS
     assert not (well_formed and bad)
-    return tensors, group_size, max_m, bad
+    return tensors, group_size, max_m, bad, old_qdata
 
 
 @requires_library
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(call=abi_calls())
 def test_abi_refuses_bad_input_and_computes_good_input(call):
-    tensors, group_size, max_m, bad = call
+    tensors, group_size, max_m, bad, old_qdata = call
     code, out, message = call_abi("cpu", tensors, group_size, max_m)
     if not bad:
         assert code == 0, message
@@ -171,7 +236,11 @@ def test_abi_refuses_bad_input_and_computes_good_input(call):
     assert code != 0 and out is None
     named = re.match(r"et_int4_plain_mm: (\w+)", message)
     assert named and named.group(1) in bad, f"{message!r} names none of {sorted(bad)}"
-    assert "expected" in message and "got" in message
+    if "re-export" in message:
+        # Only for a qdata in the row-major shape [N, K/2] of et-int4 0.1.
+        assert old_qdata and named.group(1) == "qdata" and "got shape" in message, message
+    else:
+        assert "expected" in message and "got" in message
 
 
 LIMIT_4_CHECK = textwrap.dedent(
@@ -184,16 +253,16 @@ LIMIT_4_CHECK = textwrap.dedent(
             pass
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
-    model = torch.nn.Linear(64, 8, bias=False).bfloat16()
+    from et_int4.backends.cuda.int4.packing import tile_weights
+    model = torch.nn.Linear(64, 32, bias=False).bfloat16()
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-    ep = torch.export.export(model, (torch.randn(8, 64).bfloat16(),))
+    ep = torch.export.export(model, (torch.randn(4, 64).bfloat16(),))
     with pytest.raises(et_int4.DispatchLimitError, match="SHIM_GEMM_MAX_M"):
         et_int4.rewrite_int4_linears(ep, matvec_max_m=8)
-    assert len(et_int4.explain_int4_linears(ep, matvec_max_m=4)) == 1
+    assert [d.routed for d in et_int4.explain_int4_linears(ep, matvec_max_m=4)] == [True]
     x = torch.randn(2, 64).bfloat16()
-    q = torch.randint(0, 256, (8, 32), dtype=torch.uint8)
-    s = torch.rand(8, 2).bfloat16()
-    z = torch.randint(0, 16, (8, 2), dtype=torch.int8)
+    q, s, z = tile_weights(torch.randint(0, 256, (32, 32), dtype=torch.uint8), torch.rand(32, 2).bfloat16(),
+                           torch.randint(0, 16, (32, 2), dtype=torch.int8))
     handles = [runtime._capsule_pointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x, q, s, z])]
     code, out, message = runtime.call_entry("cpu", handles, 32, 8)
     assert code != 0 and "SHIM_GEMM_MAX_M = 4" in message, message

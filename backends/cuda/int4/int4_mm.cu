@@ -1,50 +1,68 @@
 // W4A8 weight-stationary GEMM for M = 1..16 activation rows on int8 tensor cores.
 //
-// y[m, n] = sum_b s[n, g(b)] * d[m, b] * (dot(u[n, b], q[m, b]) - z[n, g(b)] * sum(q[m, b]))
-// over 32-element blocks b (ARCHITECTURE.md, "Numerics").
+// y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u[n, b], q[m, b]) - z[n, g] * sum(q[m, b]))
+// over 32-element blocks b (docs: "Numerics").
 //
 // Two kernels, chained with programmatic dependent launch so the GEMM streams its first weights
 // while the activations are still being quantized:
-//   quantize_activations: bf16 [m, k] -> per block: int8 q (in the GEMM's k order), fp32 d, int32 sum(q).
-//   w4a8_gemm: each warp owns 16 weight rows and a strided share of k; one mma.m16n8k32 per
-//     activation block multiplies a 16 x 32 weight tile with all (up to 8) activation rows, so
-//     each weight byte is read once and costs the same instructions whatever m is.
+//   quantize_activations: bf16 [m, k] -> per block: int8 q (in the mma's k order), fp32 d, -sum(q).
+//   w4a8_gemm: a warp owns a tile of 32 weight rows and a strided share of its blocks; per block one
+//     16-byte load per lane brings both m16 halves of the tile already in mma fragment order (the
+//     tiled layout, packing.py), and two mma.m16n8k32 multiply them with all (up to 8) activation
+//     rows: each weight byte is read once and costs the same instructions whatever m is.
+// A CTA's warps split the tile's blocks and reduce through shared memory; where the row tiles are
+// too few to fill the GPU, CTAs also split K and the last one of a tile adds their partial sums.
 #include "backends/cuda/int4/int4_mm.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+
 #ifndef ET_INT4_SHIM_GEMM_MAX_M
 #error "ET_INT4_SHIM_GEMM_MAX_M comes from CMake"
+#endif
+// Tuning knobs: compile definitions, so that bench/sweep_variants.sh builds and times variants of
+// this very source. The defaults are the fastest measured (bench/RESULTS.md).
+#ifndef ET_INT4_STAGE_BLOCKS
+#define ET_INT4_STAGE_BLOCKS 4
+#endif
+#ifndef ET_INT4_PREFETCH
+#define ET_INT4_PREFETCH 1
+#endif
+#ifndef ET_INT4_CTA_WARPS
+#define ET_INT4_CTA_WARPS 8
+#endif
+#ifndef ET_INT4_CTAS_PER_SM
+#define ET_INT4_CTAS_PER_SM 2
 #endif
 
 namespace et_int4::cuda {
 namespace {
 
-constexpr int kBlockK = 32;                 // activation quantization block = one mma k step
-constexpr int kChunkBlocks = 4;             // blocks per 16-byte weight load of one row
-constexpr int kTileRows = 16;               // mma M: weight rows per tile
-constexpr int kTilesPerWarp = 1;            // >1 reuses activation fragments, at a register cost
-constexpr int kCtaRows = kTileRows * kTilesPerWarp;
-constexpr int kWarps = 8;                   // warps of a CTA split k and reduce through smem
-constexpr int kStages = 2;                  // chunks of weights per warp loaded or in flight
-constexpr int kCtasPerSm = 3;               // occupancy over registers: 65536 / (3 * 256) = 85 each
-constexpr int kColTile = 8;                 // mma N: activation rows per fragment
+// kBlockK (one mma k step) and kTileRows (two m16 mma tiles) come with the layout, in int4_mm.h.
+constexpr int kColTile = 8;                   // mma n: activation rows per B fragment
+constexpr int kStageBlocks = ET_INT4_STAGE_BLOCKS;  // blocks a warp loads before it computes
+constexpr bool kPrefetch = ET_INT4_PREFETCH;  // load the next stage before computing this one
+constexpr int kWarps = ET_INT4_CTA_WARPS;
+constexpr int kCtasPerSm = ET_INT4_CTAS_PER_SM;  // register budget: 65536 / (kCtasPerSm * threads)
 constexpr int kQuantThreads = 256;
+// A CTA split of K covers a multiple of this many blocks, so that no weight group straddles two.
+constexpr int kSplitAlign = 4;
+// 1.5 * 2^23: for |i| < 2^22 the float with bits (i + kMagicBits) is exactly kMagic + i, so the mma
+// adds kMagicBits as its C operand and one FADD converts the integer dot (no I2F on the XU pipe).
+constexpr int kMagicBits = 0x4B400000;
+constexpr float kMagic = 12582912.f;
 
-// Per activation row and block: the dequantization scale and sum(q), for the zero-point term.
+static_assert(kStageBlocks % kSplitAlign == 0 || kSplitAlign % kStageBlocks == 0);
+
+// Per activation row and block: the dequantization scale and -sum(q), for the zero-point term.
 struct BlockMeta {
   float d;
-  int32_t sum;
+  int32_t neg_sum;
 };
-
-int cols_for(int64_t m) { return m <= kColTile ? kColTile : 2 * kColTile; }
-
-// Byte of a 32-element block where element e is stored: each 8-element word of weights unpacks
-// into (even k, odd k) halves that feed the A registers a0/a2, so q is stored in that order.
-__device__ __forceinline__ int permuted_position(int e) {
-  return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
-}
 
 __device__ __forceinline__ void launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -58,173 +76,137 @@ __device__ __forceinline__ void wait_for_prerequisites() {
 #endif
 }
 
+// Byte of a 32-element block where element e is stored: lane t of a quad holds elements 8t..8t+7;
+// their even elements feed the B register b0 (k slots 4t..4t+3), the odd ones b1, matching the
+// low and high nibbles of the weight word that lane loads.
+__device__ __forceinline__ int permuted_position(int e) {
+  return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
+}
+
 __global__ void __launch_bounds__(kQuantThreads)
-quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int k, int cols,
-                     BlockMeta* __restrict__ meta, int8_t* __restrict__ xq) {
+quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
+                     BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
+                     unsigned* __restrict__ counters, int n_counters) {
+  // x may come from the kernel before us, and our workspace may be the one it just freed.
+  wait_for_prerequisites();
   launch_dependents();
-  const int item = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // one warp per (block, column)
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = thread; i < n_counters; i += static_cast<int64_t>(gridDim.x) * blockDim.x) counters[i] = 0;
+  const int64_t item = thread / 32;  // one warp per (block, column)
   const int lane = threadIdx.x % 32;
-  const int blocks = k / kBlockK;
+  const int64_t blocks = k / kBlockK;
   if (item >= blocks * cols) return;
-  const int block = item / cols, col = item % cols;
+  const int64_t block = item / cols;
+  const int col = static_cast<int>(item % cols);
   if (col >= m) {  // padding columns contribute nothing: d = 0
     if (lane == 0) meta[item] = BlockMeta{0.f, 0};
     return;
   }
-  const float v = __bfloat162float(x[static_cast<int64_t>(col) * k + block * kBlockK + lane]);
+  const float v = __bfloat162float(x[col * k + block * kBlockK + lane]);
   float amax = fabsf(v);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float d = amax / 127.f;  // IEEE division, as the reference
-  const int q = d == 0.f ? 0 : __float2int_rn(v / d);
+  // A NaN or Inf anywhere in the block makes d NaN, so every output it feeds is NaN.
+  const bool finite = __all_sync(0xffffffffu, isfinite(v));
+  const float d = finite ? amax / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
+  const int q = finite && d != 0.f ? __float2int_rn(v / d) : 0;
   int sum = q;
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) meta[item] = BlockMeta{d, sum};
-  xq[(static_cast<int64_t>(block) * m + col) * kBlockK + permuted_position(lane)] =
-      static_cast<int8_t>(q);
+  if (lane == 0) meta[item] = BlockMeta{d, -sum};
+  xq[(block * m + col) * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
 }
 
 // Weights are streamed once: keep them out of L1, which holds the re-read activations.
-__device__ __forceinline__ uint4 load_stream_16(const void* p) {
+__device__ __forceinline__ uint4 load_stream_16(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
-// Group layout of the scales and zeros seen from one chunk of 4 blocks:
-//   4: one group per block (gs 32), 2: gs 64, 1: gs a multiple of 128 (vector loads, k % 128 == 0);
-//   0: anything else (one scalar load per block, handles a k that is not a multiple of 128).
-template <int GPC>
-__device__ __forceinline__ int group_slot(int j) {
-  return GPC == 0 || GPC == 4 ? j : (GPC == 2 ? j / 2 : 0);
-}
-
 struct GemmParams {
-  const uint8_t* qdata;
-  const uint16_t* scale;  // bf16 bits
-  const int8_t* zero;
-  const BlockMeta* meta;
-  const int8_t* xq;
-  __nv_bfloat16* out;
-  int m, n, k, group_size;
+  const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
+  const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
+  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows
+  const BlockMeta* meta;  // [blocks][cols]
+  const int8_t* xq;       // [blocks][m][32]
+  __nv_bfloat16* out;     // [m][n]
+  float* partial;         // [splits][tiles][kAcc * 32], when splits > 1
+  unsigned* counters;     // [tiles], zeroed by quantize_activations
+  int m, cols, n, tiles, blocks, groups;
+  int group_shift;        // log2(blocks per group), or -1 when that is not a power of two
+  int blocks_per_group;
+  int splits, split_blocks;
 };
 
-// Where one weight row is read; rows past n are clamped to n - 1 (read, never stored), so the
-// loads need no guard.
-struct RowPointers {
-  const uint8_t* q;
-  const uint16_t* s;
-  const int8_t* z;
-};
-
-__device__ __forceinline__ RowPointers row_pointers(const GemmParams& p, int row) {
-  const int64_t r = min(row, p.n - 1);
-  const int groups = p.k / p.group_size;
-  return {p.qdata + r * (p.k / 2), p.scale + r * groups, p.zero + r * groups};
+__device__ __forceinline__ int group_of(const GemmParams& p, int block) {
+  return p.group_shift >= 0 ? block >> p.group_shift : block / p.blocks_per_group;
 }
 
-// One row's share of a chunk: 16 bytes of nibbles (block 4c + t) and the scales/zeros of the
-// chunk's 4 blocks (up to 4 bf16 and 4 int8, packed).
-struct RowChunk {
-  uint4 q;
-  uint32_t s[2];
-  uint32_t z;
+// What a warp loads ahead for kStageBlocks blocks of its tile: each lane's 16 bytes of nibbles per
+// block, and the scales and zeros of its four rows once per run of kGroupBlocks blocks (a run never
+// spans two groups). Blocks past the end of the warp's share load the last block again (their
+// activation scale is then zeroed): no branch keeps the loads from being issued together.
+template <int kGroupBlocks>
+struct Stage {
+  static constexpr int kRuns = kStageBlocks / kGroupBlocks;
+  uint4 w[kStageBlocks];
+  uint2 s[kRuns];
+  uint32_t z[kRuns];
 };
 
-template <int GPC>
-__device__ __forceinline__ RowChunk load_row_chunk(const GemmParams& p, const RowPointers& row,
-                                                   int chunk, int t) {
-  const int first = chunk * kChunkBlocks;
-  const int blocks = p.k / kBlockK;
-  RowChunk r;
-  if constexpr (GPC == 0) r = RowChunk{};  // zeros past the last block: they add nothing
-  if (GPC != 0 || first + t < blocks) r.q = load_stream_16(row.q + (first + t) * (kBlockK / 2));
-  if constexpr (GPC == 4) {
-    const uint2 s = *reinterpret_cast<const uint2*>(row.s + first);
-    r.s[0] = s.x;
-    r.s[1] = s.y;
-    r.z = *reinterpret_cast<const uint32_t*>(row.z + first);
-  } else if constexpr (GPC == 2) {
-    r.s[0] = *reinterpret_cast<const uint32_t*>(row.s + first / 2);
-    r.z = *reinterpret_cast<const uint16_t*>(row.z + first / 2);
-  } else if constexpr (GPC == 1) {
-    const int group = first * kBlockK / p.group_size;
-    r.s[0] = row.s[group];
-    r.z = static_cast<uint8_t>(row.z[group]);
-  } else {
+template <int kGroupBlocks>
+__device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const uint4* wq,
+                                                          const uint2* ws, const uint32_t* wz,
+                                                          int first, int end) {
+  Stage<kGroupBlocks> st;
 #pragma unroll
-    for (int j = 0; j < kChunkBlocks; ++j) {
-      if (first + j >= blocks) break;
-      const int group = (first + j) * kBlockK / p.group_size;
-      r.s[j / 2] |= static_cast<uint32_t>(row.s[group]) << (16 * (j % 2));
-      r.z |= static_cast<uint32_t>(static_cast<uint8_t>(row.z[group])) << (8 * j);
-    }
+  for (int j = 0; j < kStageBlocks; ++j)
+    st.w[j] = load_stream_16(wq + static_cast<int64_t>(min(first + j, end - 1)) * 32);
+#pragma unroll
+  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
+    const int group = group_of(p, min(first + r * kGroupBlocks, end - 1));
+    st.s[r] = __ldg(ws + group * 8);
+    st.z[r] = __ldg(wz + group * 8);
   }
-  return r;
+  return st;
 }
 
-// Activation fragments of a chunk for every column tile: B operands and the (d, sum) of columns
-// 2t and 2t + 1.
-template <int CT>
-struct ActChunk {
-  uint2 b[kChunkBlocks][CT];
-  uint4 meta[kChunkBlocks][CT];
+// The columns one lane accumulates: kCols = 1 keeps column 2t only (m = 1 needs column 0 alone);
+// otherwise the mma's two, 2t and 2t + 1, of each 8-column tile.
+template <int kCols>
+struct Cols {
+  static constexpr int kTiles = kCols > kColTile ? 2 : 1;
+  static constexpr int kPerTile = kCols == 1 ? 1 : 2;
+  static constexpr int kAcc = 2 * 2 * kTiles * kPerTile;  // m16 halves x row halves x columns
+  using Meta = std::conditional_t<kPerTile == 2, uint4, uint2>;  // (d, -sum) of the lane's columns
 };
 
-// This thread's first B fragment and (d, sum) pair per column tile. Columns past m read row
-// m - 1: their d is 0 and an mma output column depends only on its own B column.
-template <int CT>
-struct ActPointers {
-  const int8_t* b[CT];
-  const BlockMeta* meta[CT];
+// A stage's activations: B fragments and (d, -sum) per block and column tile (L1/L2 hits, loaded
+// together so their latencies overlap).
+template <int kCols>
+struct Acts {
+  uint2 b[kStageBlocks][Cols<kCols>::kTiles];
+  typename Cols<kCols>::Meta meta[kStageBlocks][Cols<kCols>::kTiles];
 };
 
-template <int CT>
-__device__ __forceinline__ ActPointers<CT> act_pointers(const GemmParams& p, int g, int t) {
-  ActPointers<CT> a;
+template <int kCols>
+__device__ __forceinline__ Acts<kCols> load_acts(const GemmParams& p,
+                                                 const int8_t* const (&xb)[Cols<kCols>::kTiles],
+                                                 const BlockMeta* mt, int first, int end) {
+  using Meta = typename Cols<kCols>::Meta;
+  Acts<kCols> a;
 #pragma unroll
-  for (int ct = 0; ct < CT; ++ct) {
-    a.b[ct] = p.xq + min(ct * kColTile + g, p.m - 1) * kBlockK + 8 * t;
-    a.meta[ct] = p.meta + ct * kColTile + 2 * t;
-  }
-  return a;
-}
-
-template <int CT, int GPC>
-__device__ __forceinline__ ActChunk<CT> load_act_chunk(const GemmParams& p, const ActPointers<CT>& at,
-                                                       int chunk) {
-  ActChunk<CT> a;
-  const int blocks = p.k / kBlockK;
+  for (int j = 0; j < kStageBlocks; ++j) {
+    const int64_t block = min(first + j, end - 1);
 #pragma unroll
-  for (int j = 0; j < kChunkBlocks; ++j) {
-    const int block = chunk * kChunkBlocks + j;
-    if (GPC == 0 && block >= blocks) break;  // the only path with a partial chunk
-#pragma unroll
-    for (int ct = 0; ct < CT; ++ct) {
-      a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(at.b[ct] + block * p.m * kBlockK));
-      a.meta[j][ct] = __ldg(reinterpret_cast<const uint4*>(at.meta[ct] + block * (CT * kColTile)));
+    for (int ct = 0; ct < Cols<kCols>::kTiles; ++ct) {
+      a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(xb[ct] + block * p.m * kBlockK));
+      a.meta[j][ct] = __ldg(reinterpret_cast<const Meta*>(mt + block * p.cols + ct * kColTile));
     }
   }
   return a;
-}
-
-// 4x4 transpose of 32-bit words across the 4 threads of a quad: thread t loaded block t of a
-// chunk (words 0..3); afterwards it holds word t of blocks 0..3, the mma A-fragment layout.
-__device__ __forceinline__ void transpose_quad(uint4& v, int t) {
-  constexpr unsigned kAll = 0xffffffffu;
-  const bool upper = t & 2;
-  uint32_t s0 = upper ? v.x : v.z, s1 = upper ? v.y : v.w;
-  s0 = __shfl_xor_sync(kAll, s0, 2);
-  s1 = __shfl_xor_sync(kAll, s1, 2);
-  if (upper) { v.x = s0; v.y = s1; } else { v.z = s0; v.w = s1; }
-  const bool odd = t & 1;
-  s0 = odd ? v.x : v.y;
-  s1 = odd ? v.z : v.w;
-  s0 = __shfl_xor_sync(kAll, s0, 1);
-  s1 = __shfl_xor_sync(kAll, s1, 1);
-  if (odd) { v.x = s0; v.z = s1; } else { v.y = s0; v.w = s1; }
 }
 
 // Byte `i` of v as a signed int in one PRMT (its sign mode; __byte_perm has none).
@@ -234,166 +216,261 @@ __device__ __forceinline__ int sign_extended_byte(uint32_t v, int i) {
   return out;
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
-
+// d = a * b + kMagicBits, a: 16 x 32 weights (u in [0, 15]), b: 32 x 8 activations.
 __device__ __forceinline__ void mma_s8(const uint32_t (&a)[4], const uint2& b, int (&d)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%10, %10, %10, %10};"
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(0));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(kMagicBits));
 }
 
-template <int CT, int GPC>
-__device__ __forceinline__ void accumulate_chunk(RowChunk (&w)[kTilesPerWarp][2],
-                                                 const ActChunk<CT>& a, int blocks_left, int t,
-                                                 float (&acc)[kTilesPerWarp][2][CT][2]) {
+// fn(half, h, ct, e) for each of a lane's accumulators, in slot order (see slot_position).
+template <int CT, int E, typename Fn>
+__device__ __forceinline__ void for_each_acc(Fn&& fn) {
 #pragma unroll
-  for (int tile = 0; tile < kTilesPerWarp; ++tile)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) transpose_quad(w[tile][h].q, t);
-#pragma unroll
-  for (int j = 0; j < kChunkBlocks; ++j) {
-    if (GPC == 0 && j >= blocks_left) break;
-    const int slot = group_slot<GPC>(j);
-#pragma unroll
-    for (int tile = 0; tile < kTilesPerWarp; ++tile) {
-      const uint32_t w0 = word(w[tile][0].q, j), w1 = word(w[tile][1].q, j);
-      const uint32_t frag[4] = {w0 & 0x0f0f0f0fu, w1 & 0x0f0f0f0fu, (w0 >> 4) & 0x0f0f0f0fu,
-                                (w1 >> 4) & 0x0f0f0f0fu};
-      float scale[2];
-      int zero[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t bits = w[tile][h].s[slot / 2];
-        scale[h] = __uint_as_float(slot % 2 ? bits & 0xffff0000u : bits << 16);
-        zero[h] = sign_extended_byte(w[tile][h].z, slot);
-      }
-#pragma unroll
-      for (int ct = 0; ct < CT; ++ct) {
-        int dot[4];
-        mma_s8(frag, a.b[j][ct], dot);
-        const uint4 meta = a.meta[j][ct];
-        const float d[2] = {__uint_as_float(meta.x), __uint_as_float(meta.z)};
-        const int sum[2] = {static_cast<int>(meta.y), static_cast<int>(meta.w)};
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int exact = dot[2 * h + e] - zero[h] * sum[e];
-            acc[tile][h][ct][e] = fmaf(scale[h] * d[e], static_cast<float>(exact), acc[tile][h][ct][e]);
-          }
-      }
-    }
-  }
-}
-
-// A second column tile doubles accumulators and fragments: one CTA less per SM, no spills.
-template <int CT, int GPC>
-__global__ void __launch_bounds__(kWarps * 32, CT == 1 ? kCtasPerSm : kCtasPerSm - 1)
-w4a8_gemm(GemmParams p) {
-  constexpr int kAcc = kTilesPerWarp * 2 * CT * 2;
-  __shared__ float partial[kWarps][kAcc][32];
-
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int g = lane / 4, t = lane % 4;
-  const int row0 = blockIdx.x * kCtaRows;
-  const int blocks = p.k / kBlockK;
-  const int chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
-
-  float acc[kTilesPerWarp][2][CT][2] = {};
-  // A ring of kStages chunks of weights in registers: kStages - 1 stay in flight during the math.
-  // The warp's i-th chunk lives in slot i % kStages; unrolling by kStages keeps slots static.
-  RowPointers rows[kTilesPerWarp][2];
-#pragma unroll
-  for (int tile = 0; tile < kTilesPerWarp; ++tile)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) rows[tile][h] = row_pointers(p, row0 + tile * kTileRows + h * 8 + g);
-  const ActPointers<CT> act = act_pointers<CT>(p, g, t);
-  RowChunk w[kStages][kTilesPerWarp][2];
-  auto load_weights = [&](RowChunk (&dst)[kTilesPerWarp][2], int chunk) {
-#pragma unroll
-    for (int tile = 0; tile < kTilesPerWarp; ++tile)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) dst[tile][h] = load_row_chunk<GPC>(p, rows[tile][h], chunk, t);
-  };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s)
-    if (warp + s * kWarps < chunks) load_weights(w[s], warp + s * kWarps);
-  // Weights never depend on the previous kernel; the activations do.
-  wait_for_prerequisites();
-  for (int first = warp; first < chunks; first += kStages * kWarps) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      const int chunk = first + s * kWarps;
-      if (chunk >= chunks) break;
-      const int ahead = chunk + (kStages - 1) * kWarps;
-      if (ahead < chunks) load_weights(w[(s + kStages - 1) % kStages], ahead);
-      // Activations are not prefetched: they are small, re-read by every CTA and served from
-      // L1/L2, and the registers are worth more as occupancy (bench/RESULTS.md, sweep).
-      accumulate_chunk<CT, GPC>(w[s], load_act_chunk<CT, GPC>(p, act, chunk),
-                                blocks - chunk * kChunkBlocks, t, acc);
-    }
-  }
-
-  // Reduce the warps' k-slices; thread i then owns output slot i / 32 of lane i % 32.
-  int slot = 0;
-#pragma unroll
-  for (int tile = 0; tile < kTilesPerWarp; ++tile)
+  for (int half = 0; half < 2; ++half)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int ct = 0; ct < CT; ++ct)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) partial[warp][slot++][lane] = acc[tile][h][ct][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < kAcc * 32; i += kWarps * 32) {
-    const int s = i / 32, l = i % 32;
-    float sum = 0.f;
+        for (int e = 0; e < E; ++e) fn(half, h, ct, e);
+}
+
+template <int kCols, int kGroupBlocks>
+__device__ __forceinline__ void accumulate_stage(
+    const Stage<kGroupBlocks>& st, const Acts<kCols>& a, int valid,
+    float (&acc)[2][2][Cols<kCols>::kTiles][Cols<kCols>::kPerTile]) {
+  constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) sum += partial[v][s][l];
-    const int e = s % 2, ct = (s / 2) % CT, h = (s / (2 * CT)) % 2, tile = s / (4 * CT);
-    const int row = row0 + tile * kTileRows + h * 8 + l / 4;
-    const int col = ct * kColTile + 2 * (l % 4) + e;
-    if (row < p.n && col < p.m) p.out[static_cast<int64_t>(col) * p.n + row] = __float2bfloat16_rn(sum);
+  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
+    int zero[2][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(st.z[r], i);
+    float run[2][2][CT][E];
+#pragma unroll
+    for (int jj = 0; jj < kGroupBlocks; ++jj) {
+      const int j = r * kGroupBlocks + jj;
+      const uint4 w = st.w[j];
+      // Lane words: rows g, g+8 (first m16 half), g+16, g+24 (second); low nibbles are the
+      // even elements of the lane's 8-element run, high nibbles the odd ones.
+      const uint32_t frag[2][4] = {
+          {w.x & 0x0f0f0f0fu, w.y & 0x0f0f0f0fu, (w.x >> 4) & 0x0f0f0f0fu, (w.y >> 4) & 0x0f0f0f0fu},
+          {w.z & 0x0f0f0f0fu, w.w & 0x0f0f0f0fu, (w.z >> 4) & 0x0f0f0f0fu, (w.w >> 4) & 0x0f0f0f0fu}};
+#pragma unroll
+      for (int ct = 0; ct < CT; ++ct) {
+        const auto mm = a.meta[j][ct];
+        // A block past the warp's share repeats the last one: d = 0 adds nothing.
+        const float d[2] = {j < valid ? __uint_as_float(mm.x) : 0.f,
+                            j < valid && E == 2 ? __uint_as_float(reinterpret_cast<const uint32_t*>(&mm)[2]) : 0.f};
+        const int neg_sum[2] = {static_cast<int>(mm.y),
+                                E == 2 ? static_cast<int>(reinterpret_cast<const uint32_t*>(&mm)[3]) : 0};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          int dot[4];
+          mma_s8(frag[half], a.b[j][ct], dot);
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              // dot - z * sum(q), exact, then its float: one IMAD and one FADD.
+              const float f = __int_as_float(dot[2 * h + e] + zero[half][h] * neg_sum[e]) - kMagic;
+              run[half][h][ct][e] = jj == 0 ? d[e] * f : fmaf(d[e], f, run[half][h][ct][e]);
+            }
+        }
+      }
+    }
+    const uint2 s = st.s[r];
+    const float scale[2][2] = {{__uint_as_float(s.x << 16), __uint_as_float(s.x & 0xffff0000u)},
+                               {__uint_as_float(s.y << 16), __uint_as_float(s.y & 0xffff0000u)}};
+    for_each_acc<CT, E>([&](int half, int h, int ct, int e) {
+      acc[half][h][ct][e] = fmaf(scale[half][h], run[half][h][ct][e], acc[half][h][ct][e]);
+    });
   }
 }
 
-int groups_per_chunk(const PlainMmArgs& a) {
-  const auto aligned = [](const void* ptr, size_t bytes) {
-    return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-  };
-  if (a.k % (kChunkBlocks * kBlockK) != 0) return 0;
-  if (a.group_size == 32 && aligned(a.scale, 8) && aligned(a.zero, 4)) return 4;
-  if (a.group_size == 64 && aligned(a.scale, 4) && aligned(a.zero, 2)) return 2;
-  if (a.group_size % (kChunkBlocks * kBlockK) == 0) return 1;
-  return 0;
+// Output element of accumulator slot `slot` (kAcc of them per lane) of lane `lane`.
+template <int kCols>
+__device__ __forceinline__ void slot_position(int tile, int slot, int lane, int& row, int& col) {
+  constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
+  const int e = slot % E, ct = (slot / E) % CT, h = (slot / (E * CT)) % 2, half = slot / (2 * E * CT);
+  row = tile * kTileRows + half * 16 + h * 8 + lane / 4;
+  col = ct * kColTile + 2 * (lane % 4) + e;
 }
 
-template <int CT, int GPC>
-cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream, bool pdl) {
+template <int kCols, int kGroupBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kCols > kColTile ? kCtasPerSm / 2 : kCtasPerSm)
+w4a8_gemm(const GemmParams p) {
+  using C = Cols<kCols>;
+  constexpr int CT = C::kTiles, E = C::kPerTile, kAcc = C::kAcc;
+  static_assert(kStageBlocks % kGroupBlocks == 0, "a stage holds whole runs");
+  __shared__ float reduced[kWarps][kAcc][32];
+  __shared__ unsigned ticket;
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = blockIdx.x % p.tiles, split = blockIdx.x / p.tiles;
+  const int begin = split * p.split_blocks, end = min(begin + p.split_blocks, p.blocks);
+
+  const uint4* wq = p.qdata + static_cast<int64_t>(tile) * p.blocks * 32 + lane;
+  const uint2* ws = p.scale + static_cast<int64_t>(tile) * p.groups * 8 + g;
+  const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * p.groups * 8 + g;
+  // Columns past m read row m - 1: their d is 0 and an mma output column depends only on its own B
+  // column.
+  const int8_t* xb[CT];
+#pragma unroll
+  for (int ct = 0; ct < CT; ++ct) xb[ct] = p.xq + min(ct * kColTile + g, p.m - 1) * kBlockK + 8 * t;
+  const BlockMeta* mt = p.meta + 2 * t;
+
+  float acc[2][2][CT][E] = {};
+  constexpr int kStride = kWarps * kStageBlocks;
+  int first = begin + warp * kStageBlocks;
+  Stage<kGroupBlocks> next;
+  if (kPrefetch && first < end) next = load_stage<kGroupBlocks>(p, wq, ws, wz, first, end);
+  wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
+  // The next call's activation quantizer may launch now; it waits for us before it writes.
+  launch_dependents();
+  for (; first < end; first += kStride) {
+    Stage<kGroupBlocks> st;
+    if constexpr (kPrefetch) {
+      st = next;
+      if (first + kStride < end) next = load_stage<kGroupBlocks>(p, wq, ws, wz, first + kStride, end);
+    } else {
+      st = load_stage<kGroupBlocks>(p, wq, ws, wz, first, end);
+    }
+    accumulate_stage<kCols, kGroupBlocks>(st, load_acts<kCols>(p, xb, mt, first, end), end - first, acc);
+  }
+
+  // Reduce the warps' shares; thread i then owns slot i / 32 of lane i % 32.
+  int slot = 0;
+  for_each_acc<CT, E>([&](int half, int h, int ct, int e) { reduced[warp][slot++][lane] = acc[half][h][ct][e]; });
+  __syncthreads();
+  float* mine = p.partial + (static_cast<int64_t>(split) * p.tiles + tile) * (kAcc * 32);
+  for (int i = threadIdx.x; i < kAcc * 32; i += kWarps * 32) {
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += reduced[v][i / 32][i % 32];
+    int row, col;
+    slot_position<kCols>(tile, i / 32, i % 32, row, col);
+    if (p.splits > 1) {
+      mine[i] = sum;
+    } else if (col < p.m) {
+      p.out[static_cast<int64_t>(col) * p.n + row] = __float2bfloat16_rn(sum);
+    }
+  }
+  if (p.splits == 1) return;
+
+  // Split K: the last CTA of the tile adds the partial sums, in split order (deterministic).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) ticket = atomicAdd(p.counters + tile, 1u);
+  __syncthreads();
+  if (ticket != static_cast<unsigned>(p.splits - 1)) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < kAcc * 32; i += kWarps * 32) {
+    int row, col;
+    slot_position<kCols>(tile, i / 32, i % 32, row, col);
+    if (col >= p.m) continue;
+    float sum = 0.f;
+    for (int s = 0; s < p.splits; ++s)
+      sum += __ldcg(p.partial + (static_cast<int64_t>(s) * p.tiles + tile) * (kAcc * 32) + i);
+    p.out[static_cast<int64_t>(col) * p.n + row] = __float2bfloat16_rn(sum);
+  }
+}
+
+int cols_for(int64_t m) { return m == 1 ? 1 : m <= kColTile ? kColTile : 2 * kColTile; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t align16(int64_t bytes) { return ceil_div(bytes, 16) * 16; }
+
+// Multiprocessors of the current device, read once per device.
+int multiprocessors() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 1;
+  if (device < kMaxDevices && cache[device].load(std::memory_order_relaxed) > 0) return cache[device];
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) return 1;
+  if (device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// How one call divides its work and its workspace; a pure function of the shapes and the device.
+struct Plan {
+  int cols, meta_cols, acc;
+  int64_t tiles, blocks, splits, split_blocks;
+  int64_t meta_bytes, xq_bytes, partial_bytes, counter_bytes;
+  int64_t workspace() const { return meta_bytes + xq_bytes + partial_bytes + counter_bytes; }
+};
+
+Plan make_plan(int64_t m, int64_t n, int64_t k) {
+  Plan pl{};
+  pl.cols = cols_for(m);
+  pl.meta_cols = pl.cols == 1 ? kColTile : pl.cols;  // lanes t = 1..3 of an m = 1 call read these
+  pl.acc = pl.cols == 1 ? 4 : pl.cols == kColTile ? 8 : 16;
+  pl.tiles = n / kTileRows;
+  pl.blocks = k / kBlockK;
+  // Split K only when the row tiles cannot fill one wave of resident CTAs (a split costs a
+  // partial-sum round trip and shortens each warp's stream): then the fewest splits whose CTAs fill
+  // the waves to 90%, each warp keeping at least one stage.
+  const int64_t slots = static_cast<int64_t>(multiprocessors()) * kCtasPerSm;
+  const int64_t most = pl.tiles >= slots ? 1 : std::clamp<int64_t>(pl.blocks / (kWarps * kStageBlocks), 1, 64);
+  int64_t splits = 1;
+  double best = 0.;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t ctas = pl.tiles * s;
+    const double filled = static_cast<double>(ctas) / (ceil_div(ctas, slots) * slots);
+    if (filled > best + 1e-9) best = filled, splits = s;
+    if (filled >= 0.9) break;
+  }
+  pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
+  pl.splits = ceil_div(pl.blocks, pl.split_blocks);
+  pl.meta_bytes = align16(pl.blocks * pl.meta_cols * static_cast<int64_t>(sizeof(BlockMeta)));
+  pl.xq_bytes = align16(pl.blocks * m * kBlockK);
+  pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * pl.acc * 32 * 4 : 0;
+  pl.counter_bytes = pl.splits > 1 ? align16(pl.tiles * 4) : 0;
+  return pl;
+}
+
+int run_blocks(int64_t group_size) {  // kGroupBlocks: the largest of 4, 2, 1 that divides a group
+  const int64_t blocks = group_size / kBlockK;
+  const int run = blocks % 4 == 0 ? 4 : blocks % 2 == 0 ? 2 : 1;
+  return std::min(run, kStageBlocks);
+}
+
+// Launches `kernel` so that it may start before the kernel ahead of it in the stream ends
+// (programmatic dependent launch), where the device has it: both kernels call griddepcontrol.wait
+// before they touch what the kernel ahead of them writes.
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), int64_t grid, int block, cudaStream_t stream,
+                           bool pdl, Args... args) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((p.n + kCtaRows - 1) / kCtaRows);
-  config.blockDim = dim3(kWarps * 32);
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(block);
   config.stream = stream;
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
   config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, w4a8_gemm<CT, GPC>, p);
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-template <int CT>
-cudaError_t dispatch_groups(const GemmParams& p, int gpc, cudaStream_t stream, bool pdl) {
-  switch (gpc) {
-    case 4: return launch_gemm<CT, 4>(p, stream, pdl);
-    case 2: return launch_gemm<CT, 2>(p, stream, pdl);
-    case 1: return launch_gemm<CT, 1>(p, stream, pdl);
-    default: return launch_gemm<CT, 0>(p, stream, pdl);
+template <int kCols, int kGroupBlocks>
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream, bool pdl) {
+  return launch_chained(w4a8_gemm<kCols, kGroupBlocks>, static_cast<int64_t>(p.tiles) * p.splits,
+                        kWarps * 32, stream, pdl, p);
+}
+
+template <int kCols>
+cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, cudaStream_t stream, bool pdl) {
+  if constexpr (kStageBlocks % 4 == 0) {
+    if (group_blocks == 4) return launch_gemm<kCols, 4>(p, stream, pdl);
   }
+  return group_blocks == 2 ? launch_gemm<kCols, 2>(p, stream, pdl) : launch_gemm<kCols, 1>(p, stream, pdl);
 }
 
 bool device_supports_pdl() {
@@ -405,37 +482,48 @@ bool device_supports_pdl() {
 
 }  // namespace
 
-size_t workspace_bytes(int64_t m, int64_t k) {
-  const int64_t blocks = k / kBlockK;
-  return static_cast<size_t>(blocks * cols_for(m) * sizeof(BlockMeta) + blocks * m * kBlockK);
+size_t workspace_bytes(int64_t m, int64_t n, int64_t k) {
+  return static_cast<size_t>(make_plan(m, n, k).workspace());
 }
 
 const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const int cols = cols_for(a.m);
-  const int64_t blocks = a.k / kBlockK;
-  auto* meta = static_cast<BlockMeta*>(a.workspace);
-  auto* xq = reinterpret_cast<int8_t*>(meta + blocks * cols);
+  const Plan pl = make_plan(a.m, a.n, a.k);
+  auto* base = static_cast<uint8_t*>(a.workspace);
+  auto* meta = reinterpret_cast<BlockMeta*>(base);
+  auto* xq = reinterpret_cast<int8_t*>(base + pl.meta_bytes);
+  auto* partial = reinterpret_cast<float*>(base + pl.meta_bytes + pl.xq_bytes);
+  auto* counters = reinterpret_cast<unsigned*>(base + pl.meta_bytes + pl.xq_bytes + pl.partial_bytes);
+  const bool pdl = device_supports_pdl();
 
-  const int64_t quant_threads = blocks * cols * 32;
-  quantize_activations<<<static_cast<unsigned>((quant_threads + kQuantThreads - 1) / kQuantThreads),
-                         kQuantThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a.x),
-                                                     static_cast<int>(a.m), static_cast<int>(a.k),
-                                                     cols, meta, xq);
-  cudaError_t err = cudaGetLastError();
+  const int64_t quant_threads = pl.blocks * pl.meta_cols * 32;
+  cudaError_t err = launch_chained(quantize_activations, ceil_div(quant_threads, kQuantThreads),
+                                   kQuantThreads, stream, pdl, static_cast<const __nv_bfloat16*>(a.x),
+                                   static_cast<int>(a.m), a.k, pl.meta_cols, meta, xq, counters,
+                                   static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   if (err != cudaSuccess) return cudaGetErrorString(err);
 
-  const GemmParams p{a.qdata, static_cast<const uint16_t*>(a.scale), a.zero, meta, xq,
-                     static_cast<__nv_bfloat16*>(a.out), static_cast<int>(a.m),
-                     static_cast<int>(a.n), static_cast<int>(a.k), static_cast<int>(a.group_size)};
-  const int gpc = groups_per_chunk(a);
-  const bool pdl = device_supports_pdl();
+  const int64_t group_blocks = a.group_size / kBlockK;
+  int group_shift = -1;
+  for (int s = 0; s < 31; ++s)
+    if ((int64_t{1} << s) == group_blocks) group_shift = s;
+  const GemmParams p{reinterpret_cast<const uint4*>(a.qdata),
+                     static_cast<const uint2*>(a.scale),
+                     reinterpret_cast<const uint32_t*>(a.zero),
+                     meta, xq, static_cast<__nv_bfloat16*>(a.out), partial, counters,
+                     static_cast<int>(a.m), pl.meta_cols, static_cast<int>(a.n),
+                     static_cast<int>(pl.tiles), static_cast<int>(pl.blocks),
+                     static_cast<int>(a.k / a.group_size), group_shift,
+                     static_cast<int>(group_blocks), static_cast<int>(pl.splits),
+                     static_cast<int>(pl.split_blocks)};
+  const int run = run_blocks(a.group_size);
+  switch (pl.cols) {
+    case 1: err = dispatch_groups<1>(p, run, stream, pdl); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
-  err = cols == kColTile ? dispatch_groups<1>(p, gpc, stream, pdl)
-                         : dispatch_groups<2>(p, gpc, stream, pdl);
-#else
-  err = dispatch_groups<1>(p, gpc, stream, pdl);
+    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, stream, pdl); break;
 #endif
+    default: err = dispatch_groups<kColTile>(p, run, stream, pdl); break;
+  }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

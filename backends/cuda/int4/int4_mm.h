@@ -4,20 +4,34 @@
 #include <cstddef>
 #include <cstdint>
 
+namespace et_int4 {
+
+// The tiled weight layout (docs/ARCHITECTURE.md, "Weight layout"; packing.py writes it):
+//   qdata [N / kTileRows, K / kBlockK * 512] uint8: per tile of 32 rows and block of 32 k, lane
+//         l = 4g + t of a warp owns 16 bytes, the 32-bit words of rows g, g+8, g+16, g+24 that hold
+//         k = 8t .. 8t+7 of the block (low nibble first, u = q + 8);
+//   scale [N / kTileRows, K / group_size * 32] bf16 and zero (int8, +8 domain) likewise: per tile and
+//         group, the values of rows g, g+8, g+16, g+24 at 4g .. 4g+3.
+inline constexpr int kBlockK = 32;    // activation block: elements per scale d, one mma k step
+inline constexpr int kTileRows = 32;  // weight rows per tile: two m16 mma tiles
+inline constexpr int kTileBlockBytes = kTileRows * kBlockK / 2;
+
+}  // namespace et_int4
+
 namespace et_int4::cuda {
 
 struct PlainMmArgs {
   const void* x;          // bf16 [m, k], row-major
-  const uint8_t* qdata;   // [n, k/2] nibbles, low = even k, 16-byte aligned
-  const void* scale;      // bf16 [n, k/group_size]
-  const int8_t* zero;     // [n, k/group_size], +8 domain
+  const uint8_t* qdata;   // tiled nibbles (above), 16-byte aligned
+  const void* scale;      // tiled bf16, 8-byte aligned
+  const int8_t* zero;     // tiled int8, 4-byte aligned
   void* out;              // bf16 [m, n]
-  void* workspace;        // workspace_bytes(m, k) bytes, 16-byte aligned
+  void* workspace;        // workspace_bytes(m, n, k) bytes, 16-byte aligned
   int64_t m, n, k, group_size;
 };
 
-// Bytes of device memory one call needs for the quantized activations.
-size_t workspace_bytes(int64_t m, int64_t k);
+// Bytes of device memory one call needs: quantized activations and split-K partial sums.
+size_t workspace_bytes(int64_t m, int64_t n, int64_t k);
 
 // Quantizes the activations and runs the weight-stationary GEMM on `stream` (a cudaStream_t).
 // Returns nullptr on success, else the CUDA error's description.

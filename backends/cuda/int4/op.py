@@ -9,6 +9,7 @@ import torch
 from et_int4 import runtime
 
 from .aoti import QUALIFIED_OP_NAME
+from .packing import weight_shape
 from .reference import check_w4a8_args, w4a8_reference
 
 __all__ = ["et_int4_plain_mm"]
@@ -23,7 +24,7 @@ torch.library.define(
 def _fake(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           group_size: int, max_m: int) -> torch.Tensor:
     check_w4a8_args(x, qdata, scale, zero, group_size, max_m)
-    return x.new_empty((x.shape[0], qdata.shape[0]))
+    return x.new_empty((x.shape[0], weight_shape(qdata)[0]))
 
 
 @torch.library.impl(QUALIFIED_OP_NAME, "CPU")

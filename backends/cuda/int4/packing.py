@@ -1,8 +1,16 @@
-"""The op's weight format: torchao's unpacked int4 weights as two 4-bit values per byte.
+"""The op's weight format: torchao's int4 weights as 4-bit values, tiled in the order the kernel reads.
 
 torchao's ``IntxUnpackedToInt8Tensor`` keeps each int4 value q in [-8, 7] in its own int8 and a
 zero point in the same domain. The kernels read unsigned nibbles u = q + 8 in [0, 15], two per byte
 (low nibble = even k), with the zero point moved to the same +8 domain.
+
+Tiled layout (``backends/cuda/int4/int4_mm.h`` is the other description of it): rows come in tiles
+of ``TILE_ROWS`` = 32 and k in blocks of ``ACTIVATION_BLOCK`` = 32. For each tile and block, lane
+``l = 4g + t`` of a warp loads 16 bytes: the 32-bit words (8 nibbles, k = 8t .. 8t+7 of the block)
+of rows g, g+8, g+16 and g+24, which are exactly its mma A fragments: no shuffle at run time.
+Scales and zero points follow per tile and group: rows g, g+8, g+16, g+24 at positions 4g .. 4g+3.
+
+    qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16     zero: as scale, int8
 """
 
 from __future__ import annotations
@@ -11,12 +19,26 @@ import dataclasses
 
 import torch
 
-__all__ = ["PackedInt4", "pack_int4", "pack_torchao_weight", "unpack_int4", "unpack_nibbles"]
+__all__ = [
+    "ACTIVATION_BLOCK",
+    "TILE_ROWS",
+    "PackedInt4",
+    "pack_int4",
+    "pack_torchao_weight",
+    "tile_weights",
+    "unpack_int4",
+    "unpack_nibbles",
+    "untile_weights",
+]
 
 INT4_MIN, INT4_MAX = -8, 7
 _OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
 # The kernels quantize activations in blocks of 32 and need whole blocks per weight group.
-GROUP_MULTIPLE = 32
+ACTIVATION_BLOCK = 32
+GROUP_MULTIPLE = ACTIVATION_BLOCK
+TILE_ROWS = 32  # weight rows per tile: N must be a multiple
+_LANES, _WORDS = 32, 4  # a warp's lanes, and the 32-bit words each loads per tile and block
+_QUADS = TILE_ROWS // _WORDS  # g: lanes 4g .. 4g+3 share rows g, g+8, g+16, g+24
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -24,9 +46,9 @@ class PackedInt4:
     """An int4 weight [N, K] in the op's format.
 
     Attributes:
-        qdata: uint8 [N, K/2], u = q + 8, low nibble = even k.
-        scale: bfloat16 [N, K/group_size].
-        zero: int8 [N, K/group_size], zero point + 8, in [0, 15].
+        qdata: uint8 [N/32, 16*K], u = q + 8, tiled (see the module docstring).
+        scale: bfloat16 [N/32, 32*K/group_size], tiled.
+        zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled.
         group_size: columns per scale/zero group, a multiple of 32 that divides K.
     """
 
@@ -38,7 +60,12 @@ class PackedInt4:
     @property
     def shape(self) -> tuple[int, int]:
         """The weight's logical shape (N, K)."""
-        return self.qdata.shape[0], self.qdata.shape[1] * 2
+        return weight_shape(self.qdata)
+
+
+def weight_shape(qdata: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a tiled qdata."""
+    return qdata.shape[0] * TILE_ROWS, qdata.shape[1] * ACTIVATION_BLOCK // (_LANES * _WORDS * 4)
 
 
 def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
@@ -83,29 +110,68 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             f"got {group_size} (K={k}, {scale.shape[1]} groups per row); quantize with "
             f"PerGroup({GROUP_MULTIPLE}) or another multiple of {GROUP_MULTIPLE}"
         )
+    if n % TILE_ROWS:
+        raise ValueError(
+            f"the kernels take weights in tiles of {TILE_ROWS} output rows, got N={n} rows; pad the "
+            f"layer to a multiple of {TILE_ROWS} or leave it as dequantize + linear"
+        )
     _check_range("qdata", qdata, INT4_MIN, INT4_MAX)
     # torchao's int4 zero points share qdata's range, so zero_point + 8 is a nibble like u.
     _check_range("zero_point", zero_point, INT4_MIN, INT4_MAX)
     u = (qdata.to(torch.int16) + _OFFSET).to(torch.uint8)
-    packed = u[:, 0::2] | (u[:, 1::2] << 4)
-    return PackedInt4(
-        qdata=packed.contiguous(),
-        scale=scale.contiguous(),
-        zero=(zero_point + _OFFSET).contiguous(),
-        group_size=group_size,
-    )
+    rows = u[:, 0::2] | (u[:, 1::2] << 4)
+    tiled = tile_weights(rows, scale, zero_point + _OFFSET)
+    return PackedInt4(*tiled, group_size=group_size)
+
+
+def tile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-major nibbles uint8 [N, K/2] (low nibble = even k), scale and zero [N, G] -> tiled layout."""
+    n, half_k = qdata.shape
+    if n % TILE_ROWS or (2 * half_k) % ACTIVATION_BLOCK or scale.shape != zero.shape or scale.shape[0] != n:
+        raise ValueError(
+            f"tile_weights takes qdata [N, K/2] with N a multiple of {TILE_ROWS} and K of "
+            f"{ACTIVATION_BLOCK}, and scale and zero [N, K/group_size]; got qdata {tuple(qdata.shape)}, "
+            f"scale {tuple(scale.shape)}, zero {tuple(zero.shape)}"
+        )
+    tiles, blocks = n // TILE_ROWS, 2 * half_k // ACTIVATION_BLOCK
+    # words[row, 4b + t] with row = 32T + 8i + g  ->  [T][b][g][t][i]
+    words = qdata.contiguous().view(torch.int32).reshape(tiles, _WORDS, _QUADS, blocks, _WORDS)
+    tiled = words.permute(0, 3, 2, 4, 1).contiguous().view(torch.uint8).reshape(tiles, -1)
+    return tiled, _tile_groups(scale), _tile_groups(zero)
+
+
+def _tile_groups(t: torch.Tensor) -> torch.Tensor:
+    n, groups = t.shape
+    return t.reshape(n // TILE_ROWS, _WORDS, _QUADS, groups).permute(0, 3, 2, 1).reshape(n // TILE_ROWS, -1)
+
+
+def _untile_groups(t: torch.Tensor) -> torch.Tensor:
+    tiles = t.shape[0]
+    grouped = t.reshape(tiles, -1, _QUADS, _WORDS)
+    return grouped.permute(0, 3, 2, 1).reshape(tiles * TILE_ROWS, grouped.shape[1])
+
+
+def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale and zero [N, G]."""
+    n, k = weight_shape(qdata)
+    blocks = k // ACTIVATION_BLOCK
+    words = qdata.contiguous().view(torch.uint8).view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS, _WORDS)
+    rows = words.permute(0, 4, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, k // 2)
+    return rows, _untile_groups(scale), _untile_groups(zero)
 
 
 def unpack_nibbles(qdata: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values u in [0, 15] from packed uint8 (or int8) [N, K/2], low nibble = even k."""
+    """uint8 [N, K] values u in [0, 15] from row-major uint8 (or int8) [N, K/2], low nibble = even k."""
     packed = qdata.view(torch.uint8)
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
 def unpack_int4(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact inverse of :func:`pack_int4`: ``(qdata int8 [N, K], scale, zero_point int8)``."""
-    qdata = unpack_nibbles(packed.qdata).to(torch.int8) - _OFFSET
-    return qdata, packed.scale, packed.zero - _OFFSET
+    rows, scale, zero = untile_weights(packed.qdata, packed.scale, packed.zero)
+    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, zero - _OFFSET
 
 
 def pack_torchao_weight(weight: torch.Tensor) -> PackedInt4:

@@ -2,8 +2,9 @@
 and CUDA kernels match (up to fp32 summation order).
 
     w[n, k] = (u[n, k] - z[n, g]) * s[n, g]        u in [0, 15], g = k // group_size
-    d[m, b] = max|x[m, b]| / 127                    per 32-element block b of each row, fp32
-    q[m, k] = round(x[m, k] / d[m, b])              round half to even, 0 where d == 0, int8
+    d[m, b] = max|x[m, b]| / 127                    per 32-element block b of each row, fp32;
+                                                    NaN where the block holds a NaN or an Inf
+    q[m, k] = round(x[m, k] / d[m, b])              round half to even, 0 where d is 0 or NaN, int8
     y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u_b, q_b) - z[n, g] * sum(q_b))
 
 Block dot products are exact integers; everything else is fp32; the output is bfloat16.
@@ -15,11 +16,10 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .limits import DispatchLimitError, check_matvec_max_m
-from .packing import GROUP_MULTIPLE, unpack_nibbles
+from .packing import ACTIVATION_BLOCK, GROUP_MULTIPLE, TILE_ROWS, unpack_nibbles, untile_weights
 
-__all__ = ["ACTIVATION_BLOCK", "check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
+__all__ = ["check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
 
-ACTIVATION_BLOCK = 32
 # fp32 elements of unpacked weights held at once by the reference (256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
 
@@ -40,21 +40,30 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     _expect(qdata.dtype in (torch.uint8, torch.int8), "qdata", "uint8 (or int8)", qdata.dtype)
     _expect(scale.dtype == torch.bfloat16, "scale", "bfloat16", scale.dtype)
     _expect(zero.dtype == torch.int8, "zero", "int8", zero.dtype)
-    for arg, t, shape in (("self", x, "[M, K]"), ("qdata", qdata, "[N, K/2]"),
-                          ("scale", scale, "[N, K/group_size]"), ("zero", zero, "[N, K/group_size]")):
+    for arg, t, shape in (("self", x, "[M, K]"), ("qdata", qdata, "[N/32, 16*K]"),
+                          ("scale", scale, "[N/32, 32*K/group_size]"), ("zero", zero, "[N/32, 32*K/group_size]")):
         _expect(t.dim() == 2, arg, f"2-D {shape}", f"shape {tuple(t.shape)}")
     m, k = x.shape
-    n = qdata.shape[0]
+    _expect(not statically_known_true(k < ACTIVATION_BLOCK), "self", f"[M, K] with K >= {ACTIVATION_BLOCK}",
+            f"K={k}")
     _expect(isinstance(group_size, int) and group_size > 0 and group_size % GROUP_MULTIPLE == 0,
             "group_size", f"a positive multiple of {GROUP_MULTIPLE}", group_size)
     _expect(k % group_size == 0, "group_size", f"a divisor of K={k}", group_size)
-    _expect(tuple(qdata.shape) == (n, k // 2), "qdata", f"[N, K/2] = [{n}, {k // 2}]",
+    if qdata.shape[1] == k // 2:
+        raise ValueError(
+            f"et_int4_plain_mm: qdata has shape {tuple(qdata.shape)}, the row-major [N, K/2] layout of "
+            f"et-int4 0.1; the op now takes the tiled layout [N/32, 16*K]: re-export the program "
+            f"(rewrite_int4_linears and pack_int4 repack the weights)"
+        )
+    tiles = qdata.shape[0]
+    _expect(tiles >= 1 and tuple(qdata.shape) == (tiles, k * 16), "qdata",
+            f"[N/{TILE_ROWS}, 16*K] = [N/{TILE_ROWS}, {k * 16}] (tiled), with N >= {TILE_ROWS}",
             f"shape {tuple(qdata.shape)}")
-    groups = (n, k // group_size)
-    _expect(tuple(scale.shape) == groups, "scale", f"[N, K/group_size] = {list(groups)}",
-            f"shape {tuple(scale.shape)}")
-    _expect(tuple(zero.shape) == groups, "zero", f"[N, K/group_size] = {list(groups)}",
-            f"shape {tuple(zero.shape)}")
+    groups = (tiles, k // group_size * TILE_ROWS)
+    _expect(tuple(scale.shape) == groups, "scale", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "
+            f"{list(groups)} (tiled)", f"shape {tuple(scale.shape)}")
+    _expect(tuple(zero.shape) == groups, "zero", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "
+            f"{list(groups)} (tiled)", f"shape {tuple(zero.shape)}")
     if max_m is None:
         return
     try:
@@ -78,18 +87,20 @@ def quantize_activation_blocks(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.T
             f"2-D [M, K] with K a multiple of {ACTIVATION_BLOCK}", f"shape {tuple(x2d.shape)}")
     m, k = x2d.shape
     x = x2d.float().reshape(m, k // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
-    d = x.abs().amax(dim=-1) / 127
+    finite = x.isfinite().all(dim=-1)
+    d = torch.where(finite, x.abs().amax(dim=-1) / 127, torch.nan)
     q = torch.round(x / d.unsqueeze(-1))
-    # An all-zero block has d == 0: 0 / 0 is NaN there, and its q must be 0.
-    q = torch.where(d.unsqueeze(-1) == 0, 0.0, q)
+    # An all-zero block has d == 0 (0 / 0 is NaN there) and a non-finite one d = NaN: q is 0 in both.
+    q = torch.where((d.unsqueeze(-1) == 0) | ~finite.unsqueeze(-1), 0.0, q)
     return q.to(torch.int8).reshape(m, k), d
 
 
 def w4a8_reference(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    group_size: int) -> torch.Tensor:
-    """``y = x2d @ W^T`` with W4A8 numerics; arguments in the op's packed format, bfloat16 [M, N] out."""
+    """``y = x2d @ W^T`` with W4A8 numerics; arguments in the op's tiled format, bfloat16 [M, N] out."""
     check_w4a8_args(x2d, qdata, scale, zero, group_size)
     m, k = x2d.shape
+    qdata, scale, zero = untile_weights(qdata, scale, zero)
     n = qdata.shape[0]
     blocks, groups = k // ACTIVATION_BLOCK, k // group_size
     q, d = quantize_activation_blocks(x2d)

@@ -4,6 +4,7 @@
 # (ET_WHEELS=.whl-et1.2.0 for the 1.2.0 release: `device-wheels 1.2.0`).
 # Usage: [ET_WHEELS=DIR] bench/gpu_run.sh OUT_DIR STEP...
 #   steps: build pytest tests sanitizer aoti export cli bench verify
+# The bench step times ExecuTorch's kernels too when ET_INT4_EXECUTORCH_SRC names its checkout.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"

@@ -9,6 +9,7 @@ import sys
 import torch
 
 import et_int4  # noqa: F401  (registers the op)
+from et_int4.backends.cuda.int4.packing import tile_weights
 
 k, n, group_size, m = map(int, sys.argv[1:5])
 gen = torch.Generator(device="cuda").manual_seed(0)
@@ -16,6 +17,7 @@ x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
 qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
 scale = torch.rand(n, k // group_size, device="cuda", generator=gen).bfloat16()
 zero = torch.randint(0, 16, (n, k // group_size), dtype=torch.int8, device="cuda", generator=gen)
+qdata, scale, zero = tile_weights(qdata, scale, zero)
 for _ in range(3):
     torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, 8)
 torch.cuda.synchronize()

@@ -1,0 +1,2 @@
+#pragma once  // see common_shims_slim.h
+#include <executorch/backends/aoti/common_shims_slim.h>

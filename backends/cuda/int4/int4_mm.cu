@@ -1,7 +1,7 @@
 // W4A8 weight-stationary GEMM for M = 1..16 activation rows on int8 tensor cores.
 //
 // y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u[n, b], q[m, b]) - z[n, g] * sum(q[m, b]))
-// over 32-element blocks b (docs: "Numerics").
+// over 32-element blocks b (the numerics are specified in reference.py).
 //
 // Two kernels, chained with programmatic dependent launch so the GEMM streams its first weights
 // while the activations are still being quantized:

@@ -6,7 +6,7 @@
 
 namespace et_int4 {
 
-// The tiled weight layout (docs/ARCHITECTURE.md, "Weight layout"; packing.py writes it):
+// The tiled weight layout (packing.py writes it and describes it too):
 //   qdata [N / kTileRows, K / kBlockK * 512] uint8: per tile of 32 rows and block of 32 k, lane
 //         l = 4g + t of a warp owns 16 bytes, the 32-bit words of rows g, g+8, g+16, g+24 that hold
 //         k = 8t .. 8t+7 of the block (low nibble first, u = q + 8);

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "ACTIVATION_BLOCK",
+    "TILE_BLOCK_BYTES",
     "TILE_ROWS",
     "PackedInt4",
     "pack_int4",
@@ -37,8 +38,9 @@ _OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
 ACTIVATION_BLOCK = 32
 GROUP_MULTIPLE = ACTIVATION_BLOCK
 TILE_ROWS = 32  # weight rows per tile: N must be a multiple
-_LANES, _WORDS = 32, 4  # a warp's lanes, and the 32-bit words each loads per tile and block
+_WORDS = 4  # the 32-bit words a lane loads per tile and block
 _QUADS = TILE_ROWS // _WORDS  # g: lanes 4g .. 4g+3 share rows g, g+8, g+16, g+24
+TILE_BLOCK_BYTES = TILE_ROWS * ACTIVATION_BLOCK // 2  # one tile x one block of nibbles: 16 bytes a lane
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,7 +67,7 @@ class PackedInt4:
 
 def weight_shape(qdata: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a tiled qdata."""
-    return qdata.shape[0] * TILE_ROWS, qdata.shape[1] * ACTIVATION_BLOCK // (_LANES * _WORDS * 4)
+    return qdata.shape[0] * TILE_ROWS, qdata.shape[1] // TILE_BLOCK_BYTES * ACTIVATION_BLOCK
 
 
 def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:

@@ -16,7 +16,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .limits import DispatchLimitError, check_matvec_max_m
-from .packing import ACTIVATION_BLOCK, GROUP_MULTIPLE, TILE_ROWS, unpack_nibbles, untile_weights
+from .packing import (ACTIVATION_BLOCK, GROUP_MULTIPLE, TILE_BLOCK_BYTES, TILE_ROWS, unpack_nibbles,
+                      untile_weights)
 
 __all__ = ["check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
 
@@ -55,9 +56,9 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
             f"et-int4 0.1; the op now takes the tiled layout [N/32, 16*K]: re-export the program "
             f"(rewrite_int4_linears and pack_int4 repack the weights)"
         )
-    tiles = qdata.shape[0]
-    _expect(tiles >= 1 and tuple(qdata.shape) == (tiles, k * 16), "qdata",
-            f"[N/{TILE_ROWS}, 16*K] = [N/{TILE_ROWS}, {k * 16}] (tiled), with N >= {TILE_ROWS}",
+    tiles, record_bytes = qdata.shape[0], k // ACTIVATION_BLOCK * TILE_BLOCK_BYTES
+    _expect(tiles >= 1 and tuple(qdata.shape) == (tiles, record_bytes), "qdata",
+            f"[N/{TILE_ROWS}, 16*K] = [N/{TILE_ROWS}, {record_bytes}] (tiled), with N >= {TILE_ROWS}",
             f"shape {tuple(qdata.shape)}")
     groups = (tiles, k // group_size * TILE_ROWS)
     _expect(tuple(scale.shape) == groups, "scale", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "

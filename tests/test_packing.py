@@ -49,9 +49,12 @@ def test_round_trip(tiles: int, groups: int, group_size: int, asymmetric: bool, 
     assert packed.shape == (n, k) and weight_shape(packed.qdata) == (n, k)
     assert (packed.qdata.dtype, packed.qdata.shape) == (torch.uint8, (tiles, 16 * k))
     assert (packed.scale.dtype, packed.scale.shape) == (torch.bfloat16, (tiles, 32 * groups))
-    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * groups))
+    # One zero point per row where a row has no other (symmetric: all of them), else one per group.
+    per_row = bool((zero_point == zero_point[:, :1]).all())
+    assert per_row or asymmetric
+    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * (1 if per_row else groups)))
     # Low nibble = even k, value q + 8; zero point in the same +8 domain; then tiled.
-    expected = tile_weights(_row_major_nibbles(qdata), scale, zero_point + 8)
+    expected = tile_weights(_row_major_nibbles(qdata), scale, (zero_point[:, :1] if per_row else zero_point) + 8)
     assert all(torch.equal(a, b) for a, b in zip((packed.qdata, packed.scale, packed.zero), expected))
     assert int(packed.zero.min()) >= 0 and int(packed.zero.max()) <= 15
     q, s, z = unpack_int4(packed)
@@ -126,6 +129,16 @@ def test_int8_view_unpacks_the_same() -> None:
     packed = pack_int4(*_weights(32, 128, 64, asymmetric=True))
     as_int8 = dataclasses.replace(packed, qdata=packed.qdata.view(torch.int8))
     assert all(torch.equal(a, b) for a, b in zip(unpack_int4(as_int8), unpack_int4(packed)))
+
+
+def test_zero_points_per_row_are_stored_once_and_read_back_per_group() -> None:
+    qdata, scale, _ = _weights(64, 256, 32, asymmetric=False)
+    zero_point = torch.randint(-8, 8, (64, 1), dtype=torch.int8).expand(64, 8).contiguous()
+    packed = pack_int4(qdata, scale, zero_point)
+    assert packed.zero.shape == (2, 32)
+    assert torch.equal(unpack_int4(packed)[2], zero_point)
+    zero_point[5, 3] += 1 if zero_point[5, 3] < 7 else -1  # one group differs: back to one per group
+    assert pack_int4(qdata, scale, zero_point).zero.shape == (2, 256)
 
 
 def test_packed_is_frozen() -> None:

@@ -63,9 +63,10 @@ def test_shim_limit_is_the_package_limit():
 
 
 @requires_library
+@pytest.mark.parametrize("row_zeros", [False, True], ids=["zero-per-group", "zero-per-row"])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 96, 4224, 96), (8, 160, 512, 256), (5, 32, 32, 32)])
-def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
-    operands = random_operands(m, n, k, group_size,
+def test_cpu_entry_point_matches_python_reference(m, n, k, group_size, row_zeros):
+    operands = random_operands(m, n, k, group_size, row_zeros=row_zeros,
                                generator=torch.Generator().manual_seed(m * n + k))
     code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
     assert code == 0, message

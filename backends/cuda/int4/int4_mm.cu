@@ -142,7 +142,7 @@ __device__ __forceinline__ uint32_t load_stream_4(const uint32_t* p) {
 struct GemmParams {
   const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
   const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
-  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows
+  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows; or [tiles][8 quads]
   const BlockMeta* meta;  // [blocks][Cols::kMeta]
   const int8_t* xq;       // [blocks][Cols::kStored][32]
   __nv_bfloat16* out;     // [m][n]
@@ -160,8 +160,9 @@ __device__ __forceinline__ int group_of(const GemmParams& p, int block) {
 
 // What a warp loads ahead for kStageBlocks blocks of its tile: each lane's 16 bytes of nibbles per
 // block, and the scales and zeros of its four rows once per run of kGroupBlocks blocks (a run never
-// spans two groups). Blocks past the end of the warp's share load the last block again (their
-// activation scale is then zeroed): no branch keeps the loads from being issued together.
+// spans two groups; zeros only where they vary by group). Blocks past the end of the warp's share
+// load the last block again (their activation scale is then zeroed): no branch keeps the loads from
+// being issued together.
 template <int kGroupBlocks>
 struct Stage {
   static constexpr int kRuns = kStageBlocks / kGroupBlocks;
@@ -183,7 +184,7 @@ struct WeightCursor {
 // Loads the stage `ahead` strides past the cursor's; valid = blocks of it inside the warp's share
 // (only the last stage has fewer than kStageBlocks: it loads its last block again in their place,
 // no branch keeps the loads of a stage from being issued together).
-template <int kGroupBlocks, bool kExactGroups, int kAhead>
+template <int kGroupBlocks, bool kExactGroups, bool kRowZeros, int kAhead>
 __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const WeightCursor& c,
                                                           const uint2* ws, const uint32_t* wz,
                                                           int first, int valid) {
@@ -201,11 +202,11 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
       if constexpr (kExactGroups) {
         const int run = block(r * kGroupBlocks) / kGroupBlocks;
         st.s[r] = load_stream_8(c.s + kAhead * kGroupStride + run * 8);
-        st.z[r] = load_stream_4(c.z + kAhead * kGroupStride + run * 8);
+        if constexpr (!kRowZeros) st.z[r] = load_stream_4(c.z + kAhead * kGroupStride + run * 8);
       } else {
         const int group = group_of(p, first + kAhead * kStride + block(r * kGroupBlocks));
         st.s[r] = load_stream_8(ws + group * 8);
-        st.z[r] = load_stream_4(wz + group * 8);
+        if constexpr (!kRowZeros) st.z[r] = load_stream_4(wz + group * 8);
       }
     }
   };
@@ -294,14 +295,14 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 
 template <int kCols, int kGroupBlocks>
 __device__ __forceinline__ void accumulate_stage(
-    const Stage<kGroupBlocks>& st, const Acts<kCols>& a, int valid,
+    const Stage<kGroupBlocks>& st, const uint32_t (&zeros)[Stage<kGroupBlocks>::kRuns], const Acts<kCols>& a, int valid,
     float (&acc)[2][2][Cols<kCols>::kTiles][Cols<kCols>::kPerTile]) {
   constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
 #pragma unroll
   for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
     int zero[2][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(st.z[r], i);
+    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros[r], i);
     float run[2][2][CT][E];
 #pragma unroll
     for (int jj = 0; jj < kGroupBlocks; ++jj) {
@@ -353,7 +354,7 @@ __device__ __forceinline__ void slot_position(int tile, int slot, int lane, int&
   col = ct * kColTile + 2 * (lane % 4) + e;
 }
 
-template <int kCols, int kGroupBlocks, bool kExactGroups>
+template <int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
 __global__ void __launch_bounds__(kWarps * 32, kCols > kColTile ? kCtasPerSm / 2 : kCtasPerSm)
 w4a8_gemm(const GemmParams p) {
   using C = Cols<kCols>;
@@ -369,7 +370,11 @@ w4a8_gemm(const GemmParams p) {
 
   int first = begin + warp * kStageBlocks;
   const uint2* ws = p.scale + static_cast<int64_t>(tile) * p.groups * 8 + g;
-  const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * p.groups * 8 + g;
+  const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * (kRowZeros ? 1 : p.groups) * 8 + g;
+  // One zero point per row (a symmetric quantization): loaded once, not per group.
+  uint32_t row_zeros[Stage<kGroupBlocks>::kRuns];
+#pragma unroll
+  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) row_zeros[r] = kRowZeros ? load_stream_4(wz) : 0u;
   const int first_group = kExactGroups ? first / kGroupBlocks : 0;
   WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
                  wz + first_group * 8};
@@ -388,11 +393,13 @@ w4a8_gemm(const GemmParams p) {
   auto step = [&](Stage<kGroupBlocks>& cur, Stage<kGroupBlocks>& nxt) {
     const int valid = end - first;
     if constexpr (kPrefetch) {
-      if (valid > kStride) nxt = load_stage<kGroupBlocks, kExactGroups, 1>(p, c, ws, wz, first, valid - kStride);
+      if (valid > kStride)
+        nxt = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
     } else {
-      cur = load_stage<kGroupBlocks, kExactGroups, 0>(p, c, ws, wz, first, valid);
+      cur = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
     }
-    accumulate_stage<kCols, kGroupBlocks>(cur, load_acts<kCols>(x, mt, valid), valid, acc);
+    accumulate_stage<kCols, kGroupBlocks>(cur, kRowZeros ? row_zeros : cur.z, load_acts<kCols>(x, mt, valid),
+                                          valid, acc);
     first += kStride;
     c.q += kStride * 32;
     c.s += kStride / kGroupBlocks * 8;
@@ -402,7 +409,8 @@ w4a8_gemm(const GemmParams p) {
     mt += kStride * C::kMeta;
   };
   Stage<kGroupBlocks> even, odd;
-  if (kPrefetch && first < end) even = load_stage<kGroupBlocks, kExactGroups, 0>(p, c, ws, wz, first, end - first);
+  if (kPrefetch && first < end)
+    even = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();
@@ -529,20 +537,27 @@ cudaError_t launch_chained(void (*kernel)(Params...), int64_t grid, int block, c
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-template <int kCols, int kGroupBlocks>
+template <int kCols, int kGroupBlocks, bool kRowZeros>
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream, bool pdl) {
   const int64_t grid = static_cast<int64_t>(p.tiles) * p.splits;
   return p.blocks_per_group == kGroupBlocks
-             ? launch_chained(w4a8_gemm<kCols, kGroupBlocks, true>, grid, kWarps * 32, stream, pdl, p)
-             : launch_chained(w4a8_gemm<kCols, kGroupBlocks, false>, grid, kWarps * 32, stream, pdl, p);
+             ? launch_chained(w4a8_gemm<kCols, kGroupBlocks, true, kRowZeros>, grid, kWarps * 32, stream, pdl, p)
+             : launch_chained(w4a8_gemm<kCols, kGroupBlocks, false, kRowZeros>, grid, kWarps * 32, stream, pdl, p);
+}
+
+template <int kCols, int kGroupBlocks>
+cudaError_t dispatch_zeros(const GemmParams& p, bool row_zeros, cudaStream_t stream, bool pdl) {
+  return row_zeros ? launch_gemm<kCols, kGroupBlocks, true>(p, stream, pdl)
+                   : launch_gemm<kCols, kGroupBlocks, false>(p, stream, pdl);
 }
 
 template <int kCols>
-cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, cudaStream_t stream, bool pdl) {
+cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zeros, cudaStream_t stream, bool pdl) {
   if constexpr (kStageBlocks % 4 == 0) {
-    if (group_blocks == 4) return launch_gemm<kCols, 4>(p, stream, pdl);
+    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, row_zeros, stream, pdl);
   }
-  return group_blocks == 2 ? launch_gemm<kCols, 2>(p, stream, pdl) : launch_gemm<kCols, 1>(p, stream, pdl);
+  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, row_zeros, stream, pdl)
+                           : dispatch_zeros<kCols, 1>(p, row_zeros, stream, pdl);
 }
 
 bool device_supports_pdl() {
@@ -590,11 +605,11 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
                      static_cast<int>(pl.split_blocks)};
   const int run = run_blocks(a.group_size);
   switch (pl.cols) {
-    case 1: err = dispatch_groups<1>(p, run, stream, pdl); break;
+    case 1: err = dispatch_groups<1>(p, run, a.row_zeros, stream, pdl); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
-    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, stream, pdl); break;
+    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, stream, pdl); break;
 #endif
-    default: err = dispatch_groups<kColTile>(p, run, stream, pdl); break;
+    default: err = dispatch_groups<kColTile>(p, run, a.row_zeros, stream, pdl); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

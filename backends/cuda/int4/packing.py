@@ -9,8 +9,12 @@ of ``TILE_ROWS`` = 32 and k in blocks of ``ACTIVATION_BLOCK`` = 32. For each til
 ``l = 4g + t`` of a warp loads 16 bytes: the 32-bit words (8 nibbles, k = 8t .. 8t+7 of the block)
 of rows g, g+8, g+16 and g+24, which are exactly its mma A fragments: no shuffle at run time.
 Scales and zero points follow per tile and group: rows g, g+8, g+16, g+24 at positions 4g .. 4g+3.
+Where every row has one zero point for all its groups (a symmetric quantization, torchao's default:
+8 everywhere), zero holds just that one, tiled as a single group: the kernels then load it once
+instead of once per group (about a tenth of their time at group size 32).
 
-    qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16     zero: as scale, int8
+    qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16
+    zero  [N/32, K/group_size * 32] int8 (per group), or [N/32, 32] (one per row)
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class PackedInt4:
     Attributes:
         qdata: uint8 [N/32, 16*K], u = q + 8, tiled (see the module docstring).
         scale: bfloat16 [N/32, 32*K/group_size], tiled.
-        zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled.
+        zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled; or [N/32, 32] where
+            each row has one zero point for all its groups.
         group_size: columns per scale/zero group, a multiple of 32 that divides K.
     """
 
@@ -122,19 +127,23 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     _check_range("zero_point", zero_point, INT4_MIN, INT4_MAX)
     u = (qdata.to(torch.int16) + _OFFSET).to(torch.uint8)
     rows = u[:, 0::2] | (u[:, 1::2] << 4)
+    if bool((zero_point == zero_point[:, :1]).all()):
+        zero_point = zero_point[:, :1]  # one per row: the kernels read it once, not per group
     tiled = tile_weights(rows, scale, zero_point + _OFFSET)
     return PackedInt4(*tiled, group_size=group_size)
 
 
 def tile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-major nibbles uint8 [N, K/2] (low nibble = even k), scale and zero [N, G] -> tiled layout."""
+    """Row-major nibbles uint8 [N, K/2] (low nibble = even k), scale [N, G] and zero [N, G] (or
+    [N, 1], one per row) -> tiled layout."""
     n, half_k = qdata.shape
-    if n % TILE_ROWS or (2 * half_k) % ACTIVATION_BLOCK or scale.shape != zero.shape or scale.shape[0] != n:
+    if (n % TILE_ROWS or (2 * half_k) % ACTIVATION_BLOCK or scale.shape[0] != n or zero.shape[0] != n
+            or zero.shape[1] not in (scale.shape[1], 1)):
         raise ValueError(
             f"tile_weights takes qdata [N, K/2] with N a multiple of {TILE_ROWS} and K of "
-            f"{ACTIVATION_BLOCK}, and scale and zero [N, K/group_size]; got qdata {tuple(qdata.shape)}, "
-            f"scale {tuple(scale.shape)}, zero {tuple(zero.shape)}"
+            f"{ACTIVATION_BLOCK}, scale [N, K/group_size] and zero of scale's shape or [N, 1]; got qdata "
+            f"{tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}"
         )
     tiles, blocks = n // TILE_ROWS, 2 * half_k // ACTIVATION_BLOCK
     # words[row, 4b + t] with row = 32T + 8i + g  ->  [T][b][g][t][i]
@@ -156,7 +165,8 @@ def _untile_groups(t: torch.Tensor) -> torch.Tensor:
 
 def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale and zero [N, G]."""
+    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale [N, G] and zero
+    [N, G] (or [N, 1] where it was given one per row)."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
     words = qdata.contiguous().view(torch.uint8).view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS, _WORDS)
@@ -173,7 +183,7 @@ def unpack_nibbles(qdata: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact inverse of :func:`pack_int4`: ``(qdata int8 [N, K], scale, zero_point int8)``."""
     rows, scale, zero = untile_weights(packed.qdata, packed.scale, packed.zero)
-    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, zero - _OFFSET
+    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, (zero - _OFFSET).expand_as(scale).contiguous()
 
 
 def pack_torchao_weight(weight: torch.Tensor) -> PackedInt4:

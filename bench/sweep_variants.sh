@@ -5,18 +5,17 @@
 # Usage: bench/sweep_variants.sh OUT_DIR VARIANT... (set SWEEP_SHAPES / SWEEP_M to change what runs)
 set -uo pipefail
 out=$1; shift
-torch_include=$(python3 -c "import importlib.util, os; print(os.path.join(importlib.util.find_spec('torch').submodule_search_locations[0], 'include'))")
 shapes=${SWEEP_SHAPES:-4096x4096 4096x14336 14336x4096 5376x21504 21504x5376}
 for variant in "$@"; do
   name=$(echo "${variant:-default}" | tr ' =' '_-')
   dir=/tmp/variant_$name
-  mkdir -p "$dir"
   defines=$(for d in $variant; do printf -- '-D%s ' "$d"; done)
-  # shellcheck disable=SC2086
-  nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -arch=sm_90 -cudart static -Xlinker --allow-shlib-undefined \
-    -Xptxas -warn-spills -DET_INT4_SHIM_GEMM_MAX_M=8 -DET_INT4_WITH_CUDA=1 $defines -I. -I"$torch_include" \
-    backends/cuda/int4/int4_mm.cu runtime/et_int4_shim.cpp runtime/cpu_reference.cpp \
-    -o "$dir/libet_int4.so" > "$out/build_$name.log" 2>&1 || { echo "variant '$variant': build failed"; cat "$out/build_$name.log"; continue; }
+  # The project's own build (CMakeLists.txt: SHIM_GEMM_MAX_M and the other options), plus the variant's
+  # definitions for the CUDA sources; a fresh folder, so no cached definitions carry over.
+  rm -rf "$dir"
+  { cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS="$defines" &&
+    cmake --build "$dir" -j; } > "$out/build_$name.log" 2>&1 ||
+    { echo "variant '$variant': build failed"; cat "$out/build_$name.log"; continue; }
   echo "## variant '${variant:-default}'"
   grep -h "spill" "$out/build_$name.log" | sort | uniq -c | head -n 3
   ET_INT4_LIBRARY="$dir/libet_int4.so" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \

@@ -14,12 +14,11 @@ import argparse
 import dataclasses
 import datetime
 
-import torch
-from torch.export.passes import move_to_device_pass
-
 import et_int4
+import torch
 from bench_int4_mm import median_us
 from et_int4.export.models import CONFIGS, MethodModule, build_model, quantize_int4
+from torch.export.passes import move_to_device_pass
 
 
 def forward_us(program: torch.export.ExportedProgram, tokens: int, vocab: int) -> float:

@@ -36,10 +36,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import et_int4
 import torch
 import torch.nn.functional as F
-
-import et_int4
 from et_int4.backends.cuda.int4.packing import TILE_ROWS
 
 SHAPES = ["4096x4096", "4096x14336", "14336x4096", "5376x21504", "21504x5376"]  # K x N
@@ -105,7 +104,8 @@ class ExecuTorchKernels:
         self.lib = ctypes.CDLL(str(lib))
         self.lib.et_harness_q8_bytes.restype = ctypes.c_size_t
         self.lib.et_harness_int4_mm.restype = ctypes.c_int
-        self.lib.et_harness_int4_mm.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+        self.lib.et_harness_int4_mm.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4
+                                                + [ctypes.c_void_p])
         self.source = str(header)
 
     def weights(self, n: int, k: int, group_size: int, gen: torch.Generator) -> tuple:

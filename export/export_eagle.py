@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -27,9 +28,21 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from et_int4 import SHIM_GEMM_MAX_M, explain_int4_linears, get_matvec_max_m, rewrite_int4_linears
-from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE
-from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4
+if __name__ == "__main__" and not __package__:
+    # Run as a file (python export/export_eagle.py): run it as the installed et_int4.export module,
+    # so that the relative imports below resolve (PEP 366).
+    __package__ = "et_int4.export"
+    importlib.import_module(__package__)
+
+from ..backends.cuda.int4.limits import (
+    DispatchLimitError,
+    check_matvec_max_m,
+    get_matvec_max_m,
+    shim_gemm_max_m,
+)
+from ..backends.cuda.int4.packing import check_group_size
+from ..passes.rewrite_int4 import explain_int4_linears, rewrite_int4_linears
+from .models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4
 
 METHODS = ("prefill", "target_verify", "draft_decode")
 PTE_NAME = "eagle.pte"
@@ -128,7 +141,7 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
 def constant_methods(opts: ExportOptions) -> dict:
     return {
         "get_matvec_max_m": opts.matvec_max_m,
-        "get_shim_gemm_max_m": SHIM_GEMM_MAX_M,
+        "get_shim_gemm_max_m": shim_gemm_max_m(),
         "get_chain_len": opts.chain_len,
         "get_max_seq_len": opts.model_args.max_seq_len,
         "get_min_prefill_len": opts.min_prefill_len,
@@ -146,7 +159,7 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
     )
     from executorch.exir.passes import MemoryPlanningPass
 
-    from et_int4.backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
+    from ..backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
 
     done = _step(f"Lowering {', '.join(export.programs)} with the CUDA backend (AOTInductor)")
     with et_int4_in_cuda_backend():
@@ -216,31 +229,29 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
     """Parse and check the arguments; every violation exits with status 2 and names the flag."""
     ns = parser.parse_args(argv)
     verify_len = ns.chain_len + 1
+    shim_limit = shim_gemm_max_m()
     if ns.matvec_max_m is None:
         # Route the verify window when the library allows it; the checks below report when not.
-        ns.matvec_max_m = max(get_matvec_max_m(), min(verify_len, SHIM_GEMM_MAX_M))
+        ns.matvec_max_m = max(get_matvec_max_m(), min(verify_len, shim_limit))
     limit = ns.matvec_max_m
     if ns.chain_len < 1:
         parser.error(f"--chain-len {ns.chain_len} must be at least 1")
-    if limit < 1:
-        parser.error(f"--matvec-max-m {limit} must be at least 1 (M = 1 is a decode step)")
-    if limit > SHIM_GEMM_MAX_M:
-        parser.error(f"--matvec-max-m {limit} exceeds SHIM_GEMM_MAX_M={SHIM_GEMM_MAX_M} of the "
-                     f"built library; use --matvec-max-m <= {SHIM_GEMM_MAX_M} or rebuild with "
-                     f"ET_INT4_SHIM_GEMM_MAX_M={limit}")
+    try:
+        check_matvec_max_m(limit)
+    except DispatchLimitError as error:
+        parser.error(f"--matvec-max-m {limit}: {error}")
     if verify_len > limit:
-        fix = (f"raise --matvec-max-m to {verify_len}" if verify_len <= SHIM_GEMM_MAX_M else
+        fix = (f"raise --matvec-max-m to {verify_len}" if verify_len <= shim_limit else
                f"rebuild with ET_INT4_SHIM_GEMM_MAX_M={verify_len}")
         parser.error(f"--chain-len {ns.chain_len} needs --matvec-max-m >= {verify_len} "
                      f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1} "
                      f"or {fix}")
     args = CONFIGS[ns.config]
-    dims = {"dim": args.dim, "ffn_dim": args.ffn_dim}
-    if ns.group_size < GROUP_MULTIPLE or ns.group_size % GROUP_MULTIPLE or any(
-            d % ns.group_size for d in dims.values()):
-        shapes = " and ".join(f"{k}={v}" for k, v in dims.items())
-        parser.error(f"--group-size {ns.group_size} must be a multiple of {GROUP_MULTIPLE} that "
-                     f"divides {shapes} of --config {ns.config}")
+    for name, k in {"dim": args.dim, "ffn_dim": args.ffn_dim}.items():
+        try:
+            check_group_size(ns.group_size, k)
+        except ValueError as error:
+            parser.error(f"--group-size {ns.group_size}: {error} ({name} of --config {ns.config})")
     opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed)
     max_seq_len = opts.model_args.max_seq_len
     if max_seq_len <= opts.min_prefill_len:

@@ -12,17 +12,15 @@ import contextlib
 import ctypes
 import functools
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from et_int4.backends.cuda.int4.aoti import c_shim_name
+from .aoti import c_shim_name
 
 __all__ = [
     "ShimError",
-    "header_path",
     "library_path",
     "load",
     "plain_mm",
@@ -32,16 +30,10 @@ __all__ = [
 LIBRARY_ENV = "ET_INT4_LIBRARY"
 _LIBRARY_NAME = "libet_int4.so"
 _HANDLE = ctypes.c_void_p
-_HERE = Path(__file__).resolve().parent
 
 
 class ShimError(RuntimeError):
     """A call into libet_int4 returned an error; the message is the shim's own."""
-
-
-def header_path() -> Path:
-    """The C header that declares the ABI and defines the default ``ET_INT4_SHIM_GEMM_MAX_M``."""
-    return _HERE / "et_int4_shim.h"
 
 
 def library_path() -> Path | None:
@@ -57,21 +49,11 @@ def library_path() -> Path | None:
         return path
     # A wheel installs the library next to this file; an editable install keeps this file in the
     # source tree and the library under site-packages, so look through every package location.
-    import et_int4.runtime as pkg
-
-    for location in pkg.__spec__.submodule_search_locations or ():
+    for location in __spec__.submodule_search_locations or ():
         candidate = Path(location) / _LIBRARY_NAME
         if candidate.is_file():
             return candidate
     return None
-
-
-def _header_default() -> int:
-    text = header_path().read_text()
-    match = re.search(r"^#define\s+ET_INT4_SHIM_GEMM_MAX_M\s+(\d+)\s*$", text, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"{header_path()} defines no ET_INT4_SHIM_GEMM_MAX_M")
-    return int(match.group(1))
 
 
 @functools.cache
@@ -113,9 +95,7 @@ def load() -> ctypes.CDLL:
 
 @functools.cache
 def shim_gemm_max_m() -> int:
-    """``SHIM_GEMM_MAX_M`` of the built library, or the header's default when none is built."""
-    if library_path() is None:
-        return _header_default()
+    """``SHIM_GEMM_MAX_M`` of the library :func:`load` opens (set by CMake when it was built)."""
     return int(load().et_int4_shim_gemm_max_m())
 
 

@@ -9,22 +9,15 @@
 #include "backends/cuda/int4/int4_mm.h"
 #include "runtime/cpu_reference.h"
 
-// PyTorch's header declares these only under USE_CUDA; every ExecuTorch CUDA runtime defines them.
-// Weak, so that the library also loads into a CPU-only host (its CUDA entry point then says so).
-struct EtInt4CudaGuard;
-extern "C" {
-__attribute__((weak)) AOTITorchError aoti_torch_create_cuda_guard(int32_t device_index,
-                                                                  EtInt4CudaGuard** ret_guard);
-__attribute__((weak)) AOTITorchError aoti_torch_delete_cuda_guard(EtInt4CudaGuard* guard);
-__attribute__((weak)) AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index,
-                                                                       void** ret_stream);
-}
+#ifndef ET_INT4_SHIM_GEMM_MAX_M
+#error "ET_INT4_SHIM_GEMM_MAX_M comes from CMake"
+#endif
 
 namespace {
 
 constexpr AOTITorchError kOk = 0;
 constexpr AOTITorchError kFailure = 1;
-// c10::ScalarType codes (stable; see shared/executorch-abi/README.md).
+// c10::ScalarType codes (stable across PyTorch and ExecuTorch releases).
 constexpr int32_t kUInt8 = 0, kInt8 = 1, kBFloat16 = 15;
 
 thread_local std::string last_error;
@@ -149,8 +142,8 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
                 " (one activation block), got K = " + std::to_string(p.k));
   }
   if (group_size < et_int4::kBlockK || group_size % et_int4::kBlockK != 0 || p.k % group_size != 0) {
-    return fail("group_size: expected a multiple of 32 that divides K = " + std::to_string(p.k) +
-                ", got " + std::to_string(group_size));
+    return fail("group_size: expected a multiple of " + std::to_string(et_int4::kBlockK) +
+                " that divides K = " + std::to_string(p.k) + ", got " + std::to_string(group_size));
   }
   if (p.qdata.sizes[1] == p.k / 2) {
     return fail("qdata: expected the tiled layout [N/32, 16*K], got shape " + shape_str(p.qdata.sizes, 2) +
@@ -241,7 +234,7 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
                   "-byte aligned data, got an offset view; pass a freshly allocated tensor");
     }
   }
-  EtInt4CudaGuard* guard = nullptr;
+  CUDAGuardHandle guard = nullptr;
   if (aoti_torch_create_cuda_guard(p.x.device_index, &guard)) {
     return fail("could not select CUDA device " + std::to_string(p.x.device_index));
   }

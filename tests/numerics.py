@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from et_int4.backends.cuda.int4.packing import tile_weights, unpack_nibbles, untile_weights
 from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
 

@@ -8,10 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import et_int4
 import pytest
 import torch
-
-import et_int4
 from et_int4 import runtime
 from numerics import assert_within_one_rounding, random_operands, rel_error, w4a8_float64
 

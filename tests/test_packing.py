@@ -7,9 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from et_int4 import PackedInt4, pack_int4, unpack_int4
 from et_int4.backends.cuda.int4.packing import (
     TILE_ROWS,
@@ -18,6 +15,8 @@ from et_int4.backends.cuda.int4.packing import (
     untile_weights,
     weight_shape,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import MLP, quantized
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import et_int4
 import pytest
 import torch
-from torch import nn
-from torch.export import Dim
-
-import et_int4
 from et_int4.backends.cuda.int4.packing import pack_torchao_weight
 from models import MLP, Tied, export, mlp_program, quantized
 from numerics import rel_error
+from torch import nn
+from torch.export import Dim
 
 OP = torch.ops.et_int4.et_int4_plain_mm.default
 DEQUANTIZE = torch.ops.torchao.dequantize_affine.default

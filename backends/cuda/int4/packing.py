@@ -28,6 +28,7 @@ __all__ = [
     "TILE_BLOCK_BYTES",
     "TILE_ROWS",
     "PackedInt4",
+    "check_group_size",
     "pack_int4",
     "pack_torchao_weight",
     "tile_weights",
@@ -38,9 +39,8 @@ __all__ = [
 
 INT4_MIN, INT4_MAX = -8, 7
 _OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
-# The kernels quantize activations in blocks of 32 and need whole blocks per weight group.
+# The kernels quantize activations in blocks of 32 (C++: kBlockK) and need whole blocks per group.
 ACTIVATION_BLOCK = 32
-GROUP_MULTIPLE = ACTIVATION_BLOCK
 TILE_ROWS = 32  # weight rows per tile: N must be a multiple
 _WORDS = 4  # the 32-bit words a lane loads per tile and block
 _QUADS = TILE_ROWS // _WORDS  # g: lanes 4g .. 4g+3 share rows g, g+8, g+16, g+24
@@ -73,6 +73,19 @@ class PackedInt4:
 def weight_shape(qdata: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a tiled qdata."""
     return qdata.shape[0] * TILE_ROWS, qdata.shape[1] // TILE_BLOCK_BYTES * ACTIVATION_BLOCK
+
+
+def check_group_size(group_size: object, k: int) -> None:
+    """The group-size rule, for every Python caller: a multiple of ``ACTIVATION_BLOCK`` that divides K.
+
+    Raises ValueError that starts with ``group_size``; callers add where the value came from.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < ACTIVATION_BLOCK \
+            or group_size % ACTIVATION_BLOCK or k % group_size:
+        raise ValueError(
+            f"group_size must be a multiple of {ACTIVATION_BLOCK} (the kernels' activation block) that "
+            f"divides K={k}, got {group_size!r}"
+        )
 
 
 def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
@@ -111,12 +124,13 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             f"zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero_point.shape)}"
         )
     group_size = k // scale.shape[1]
-    if group_size % GROUP_MULTIPLE:
+    try:
+        check_group_size(group_size, k)
+    except ValueError as error:
         raise ValueError(
-            f"group_size must be a multiple of {GROUP_MULTIPLE} (the kernels' activation block), "
-            f"got {group_size} (K={k}, {scale.shape[1]} groups per row); quantize with "
-            f"PerGroup({GROUP_MULTIPLE}) or another multiple of {GROUP_MULTIPLE}"
-        )
+            f"{error} ({scale.shape[1]} groups per row); quantize with PerGroup({ACTIVATION_BLOCK}) or "
+            f"another multiple of {ACTIVATION_BLOCK}"
+        ) from None
     if n % TILE_ROWS:
         raise ValueError(
             f"the kernels take weights in tiles of {TILE_ROWS} output rows, got N={n} rows; pad the "

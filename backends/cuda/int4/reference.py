@@ -16,8 +16,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .limits import DispatchLimitError, check_matvec_max_m
-from .packing import (ACTIVATION_BLOCK, GROUP_MULTIPLE, TILE_BLOCK_BYTES, TILE_ROWS, unpack_nibbles,
-                      untile_weights)
+from .packing import ACTIVATION_BLOCK, TILE_BLOCK_BYTES, TILE_ROWS, check_group_size, unpack_nibbles, untile_weights
 
 __all__ = ["check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
 
@@ -48,9 +47,10 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     m, k = x.shape
     _expect(not statically_known_true(k < ACTIVATION_BLOCK), "self", f"[M, K] with K >= {ACTIVATION_BLOCK}",
             f"K={k}")
-    _expect(isinstance(group_size, int) and group_size > 0 and group_size % GROUP_MULTIPLE == 0,
-            "group_size", f"a positive multiple of {GROUP_MULTIPLE}", group_size)
-    _expect(k % group_size == 0, "group_size", f"a divisor of K={k}", group_size)
+    try:
+        check_group_size(group_size, k)
+    except ValueError as error:
+        raise ValueError(f"et_int4_plain_mm: {error}") from None
     if qdata.shape[1] == k // 2:
         raise ValueError(
             f"et_int4_plain_mm: qdata has shape {tuple(qdata.shape)}, the row-major [N, K/2] layout of "

@@ -1,4 +1,4 @@
-"""The runner tooling on CPU: the build script's checks and the runner command line.
+"""The runner tooling on CPU: the build script's checks, the runner command line, the latency parser.
 
 The build itself and the runs are GPU work (tests/test_runner_e2e.py, bench/gpu_run.sh runner*).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,46 @@ def test_runner_command_preloads_for_the_runner_alone():
 def test_runner_env_drops_ld_preload(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/somewhere/lib.so")
     assert "LD_PRELOAD" not in runner_env()
+
+
+def fake_runner(tmp_path: Path, times_ms: list[float], logging: bool = True) -> Path:
+    """A stand-in for executor_runner that logs the given per-run times as the real one does, and
+    the CUDA backend's capture line for `--cuda_graph_methods`."""
+    lines = "".join(f'echo "I 00:00:01.000 executorch:executor_runner.cpp:700] Iteration {i + 1} '
+                    f'of {len(times_ms)}: {t} ms" >&2\n' for i, t in enumerate(times_ms))
+    lines += ('case "$*" in *--cuda_graph_methods*) echo "I 00:00:01.000 executorch:'
+              'cuda_backend.cpp:751] CUDA graph: captured and instantiated for \'a\'" >&2;; esac\n')
+    runner = tmp_path / "executor_runner"
+    runner.write_text("#!/bin/sh\n" + (lines if logging else "") + "exit 0\n")
+    runner.chmod(0o755)
+    return runner
+
+
+def latency(runner: Path, n: int, *extra: str):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "runner_latency.py"), "--runner", str(runner),
+         "--pte", "p.pte", "--ptd", "p.ptd", "--methods", "a,b", "--num-executions", str(n), *extra],
+        capture_output=True, text=True, timeout=60)
+
+
+def test_runner_latency_leaves_out_the_warmup_runs(tmp_path):
+    times = [50.0] * 5 + [1.0, 2.0, 3.0, 4.0, 100.0]  # five warm-up runs, then the timed ones
+    result = latency(fake_runner(tmp_path, times), len(times), "--ratio", "a/b")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| executor")]
+    assert [[cell.strip() for cell in r[2:8]] for r in rows] == [
+        ["a", "3.000", "1.000", "100.000", "5", "no"], ["b", "3.000", "1.000", "100.000", "5", "no"]]
+    assert "a / b = 1.00" in result.stdout
+
+
+def test_runner_latency_reports_a_captured_cuda_graph(tmp_path):
+    result = latency(fake_runner(tmp_path, [1.0] * 10), 10, "--", "--cuda_graph_methods=a")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| executor")]
+    assert rows and all(row.endswith("| yes |") for row in rows)
+
+
+def test_runner_latency_needs_the_runners_log(tmp_path):
+    result = latency(fake_runner(tmp_path, [1.0] * 10, logging=False), 10)
+    assert result.returncode != 0
+    assert "EXECUTORCH_ENABLE_LOGGING=ON" in result.stderr

@@ -84,7 +84,8 @@ def run_method(runner: Path, exported, method: str, inputs, work: Path, preload:
     files = []
     for i, tensor in enumerate(inputs):
         files.append(work / f"input-{i}.bin")
-        files[-1].write_bytes(tensor.contiguous().numpy().tobytes())  # little-endian on x86
+        # Raw bytes, little-endian on x86; as uint8 because numpy has no bfloat16.
+        files[-1].write_bytes(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     command = runner_command(
         runner, [f"--model_path={pte}", f"--data_path={ptd}", f"--method_name={method}",
                  f"--inputs={','.join(map(str, files))}", f"--output_file={work / 'output'}",

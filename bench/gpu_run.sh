@@ -9,7 +9,8 @@
 # The runner steps use the executor_runner that tools/build_executor_runner.sh put in .runner/
 # (ET_INT4_RUNNER_DIR), which must come from the release of ET_WHEELS: ET_WHEELS=.whl-et1.4.1 with
 # a runner built from v1.4.1. `runner` (the end-to-end test) keeps the tiny EAGLE program in
-# OUT_DIR/eagle, which runner_latency and runner_sanitizer run.
+# out/runner-eagle (git-ignored, so it stays for later calls on the same machine), which
+# runner_latency and runner_sanitizer run.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -19,7 +20,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$site FLATC_EXECUTABLE=$site/executorch/data/bin/flatc
 python3 -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("torch", "executorch", "torchao")))' | tee "$out/versions.txt"
 runners=$(realpath "${ET_INT4_RUNNER_DIR:-.runner}")
-eagle="$out/eagle"
+eagle=$PWD/out/runner-eagle
 status=0
 run() {  # run STEP COMMAND...: log to $out/STEP.log, print its tail
   local step=$1; shift
@@ -63,9 +64,9 @@ for step in "$@"; do
           $runners/executor_runner --model_path=$eagle/eagle.pte --data_path=$eagle/aoti_cuda_blob.ptd \
           --method_name=\$m --print_output=none; done" ;;
     runner_ratio)  # verify (8 tokens) against decode (1 token), 2 layers of Llama 3 8B shapes + lm_head
-      files=(--pte "$out/llama/verify_decode.pte" --ptd "$out/llama/aoti_cuda_blob.ptd" --methods decode,verify --ratio verify/decode)
+      files=(--pte out/runner-llama/verify_decode.pte --ptd out/runner-llama/aoti_cuda_blob.ptd --methods decode,verify --ratio verify/decode)
       run runner_ratio bash -c "set -e
-        python3 bench/bench_eagle_verify.py --layers 2 --pte $out/llama
+        python3 bench/bench_eagle_verify.py --layers 2 --pte out/runner-llama
         python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label linked
         python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=decode,verify"
       ;;

@@ -66,6 +66,15 @@ def test_build_warns_when_the_tree_is_not_the_installed_release(tmp_path):
     assert "no cmake" in result.stderr
 
 
+def test_build_keeps_a_folder_that_is_no_runner_build(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = build(fake_tree(tmp_path, "1.4.1"), tmp_path)
+    assert result.returncode != 0
+    assert "holds files but no executor_runner" in result.stderr
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
 def test_runner_command_preloads_for_the_runner_alone():
     command = runner_command(Path("/r/executor_runner"), ["--method_name=m"],
                              preload=Path("/lib/libet_int4.so"), prefix=["compute-sanitizer"])

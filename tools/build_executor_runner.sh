@@ -31,6 +31,10 @@ project=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 src=$(cd "$1" 2>/dev/null && pwd) || die "$1 is not a folder; get the source with
   git clone --recursive --branch vX.Y.Z https://github.com/pytorch/executorch"
 out=${2:-$project/.runner}
+# OUT is replaced by each build: refuse a folder that holds anything but an earlier build.
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/executor_runner" ]; then
+  die "$out holds files but no executor_runner; name an empty or new folder as OUT"
+fi
 python=${PYTHON:-python3}
 cmake=${CMAKE:-cmake}
 archs=${CUDA_ARCHS:-90}
@@ -82,14 +86,15 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 
 build=${BUILD_DIR:-$project/build/runner-$version}
-common=(-DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs" -DPYTHON_EXECUTABLE="$(command -v "$python")"
+python_path=$(command -v "$python") || die "no $python: set PYTHON to an interpreter that has torch"
+common=(-DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs"
         -DCMAKE_INSTALL_RPATH='$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
         -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--as-needed -DCMAKE_EXE_LINKER_FLAGS=-Wl,--as-needed
         "${curand_args[@]}" "${generator[@]}")
 
 # -- 1. ExecuTorch: its executor_runner, and an install tree for the project's runners ----------
 echo "== ExecuTorch $version from $src -> $build/executorch (CUDA archs $archs, $jobs jobs)"
-"$cmake" -S "$src" -B "$build/executorch" "${common[@]}" \
+"$cmake" -S "$src" -B "$build/executorch" "${common[@]}" -DPYTHON_EXECUTABLE="$python_path" \
   -DCMAKE_INSTALL_PREFIX="$build/install" \
   -DEXECUTORCH_BUILD_CUDA=ON \
   -DEXECUTORCH_BUILD_PORTABLE_OPS=ON \
@@ -105,7 +110,7 @@ echo "== ExecuTorch $version from $src -> $build/executorch (CUDA archs $archs, 
 
 # -- 2. this project's runners (tools/runner/CMakeLists.txt) ------------------------------------
 echo "== the project's runners -> $build/project"
-"$cmake" -S "$project/tools/runner" -B "$build/project" "${common[@]}" \
+"$cmake" -S "$project/tools/runner" -B "$build/project" "${common[@]}" -DPython_EXECUTABLE="$python_path" \
   -DCMAKE_PREFIX_PATH="$build/install" -DEXECUTORCH_SRC="$src" -DEXECUTORCH_BUILD_DIR="$build/executorch" \
   -DCMAKE_INSTALL_PREFIX="$out"
 "$cmake" --build "$build/project" -j "$jobs"

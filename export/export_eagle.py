@@ -148,8 +148,10 @@ def constant_methods(opts: ExportOptions) -> dict:
     }
 
 
-def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Path) -> list[Path]:
-    """Lower every method with ExecuTorch's CUDA backend; write the .pte and its .ptd files."""
+def lower_to_executorch(programs: dict[str, ExportedProgram], constants: dict, output_dir: Path,
+                        pte_name: str = PTE_NAME) -> list[Path]:
+    """Lower every program, as a method of one .pte, with ExecuTorch's CUDA backend; write the
+    .pte and its .ptd files. ``constants`` become constant methods."""
     from executorch.backends.cuda.cuda_backend import CudaBackend
     from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
     from executorch.exir import (
@@ -161,17 +163,17 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
 
     from ..backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
 
-    done = _step(f"Lowering {', '.join(export.programs)} with the CUDA backend (AOTInductor)")
+    done = _step(f"Lowering {', '.join(programs)} with the CUDA backend (AOTInductor)")
     with et_int4_in_cuda_backend():
         edge = to_edge_transform_and_lower(
-            export.programs,
+            programs,
             # One partitioner per method: the backend names each method's compiled blobs by it.
             partitioner={
                 name: [CudaPartitioner([CudaBackend.generate_method_name_compile_spec(name)])]
-                for name in export.programs
+                for name in programs
             },
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=constant_methods(opts),
+            constant_methods=constants,
         )
     done()
     done = _step("Serializing")
@@ -181,7 +183,7 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
     ))
     output_dir.mkdir(parents=True, exist_ok=True)
-    pte = output_dir / PTE_NAME
+    pte = output_dir / pte_name
     with open(pte, "wb") as f:
         program.write_to_file(f)
     # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
               "torch.cuda.is_available() is False; rerun on a GPU machine, or pass --dry-run to "
               "stop after the summary", file=sys.stderr)
         return 1
-    files = lower_to_executorch(export, opts, ns.output_dir)
+    files = lower_to_executorch(export.programs, constant_methods(opts), ns.output_dir)
     print("Wrote " + ", ".join(str(f) for f in files))
     return 0
 

@@ -233,7 +233,7 @@ def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
     monkeypatch.setattr(CudaBackend, "preprocess", classmethod(preprocess))
     monkeypatch.setattr(CudaBackend, "preprocess_multimethod",
                         BackendDetails.__dict__["preprocess_multimethod"])
-    files = cli.lower_to_executorch(exported, OPTIONS, tmp_path)
+    files = cli.lower_to_executorch(exported.programs, cli.constant_methods(OPTIONS), tmp_path)
     routed = {s.name: len(s.routed) for s in exported.summary}
     assert seen == {name: (routed[name], True) for name in METHODS}
     plans = deserialize_pte_binary(files[0].read_bytes()).program.execution_plan

@@ -93,6 +93,16 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+def test_strided_activation_rows():
+    # Each half of h.chunk(2, -1) (row stride 2K), as a model feeds it to a linear.
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x, qdata, scale, zero = random_operands(5, 128, 512, 64, generator=gen, device="cuda")
+    h = torch.cat((x, x.flip(-1)), dim=-1)
+    for half in h.chunk(2, -1):
+        assert not half.is_contiguous()
+        assert_matches_reference(run_op(half, qdata, scale, zero, 64), half.contiguous(), qdata, scale, zero, 64)
+
+
 def test_all_zero_activation_block_and_int8_qdata():
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen, device="cuda")

@@ -45,6 +45,15 @@ def test_cpu_is_the_reference(m: int, max_m: int) -> None:
     assert torch.equal(y, w4a8_reference(*args[:5]))
 
 
+def test_strided_rows_give_the_result_of_dense_rows() -> None:
+    # One half of h.chunk(2, -1): row stride 2K, as a model feeds it to a linear.
+    args = _args(m=3)
+    halves = torch.randn(3, 2 * 128, dtype=torch.bfloat16).chunk(2, -1)
+    for half in halves:
+        assert not half.is_contiguous()
+        assert torch.equal(OP(half, *args[1:]), OP(half.contiguous(), *args[1:]))
+
+
 def test_fake_shape() -> None:
     args = _args(m=2)
     with FakeTensorMode() as mode:

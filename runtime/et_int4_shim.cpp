@@ -36,6 +36,12 @@ AOTITorchError fail(const std::string& what) {
   return kFailure;
 }
 
+// Every successful call clears the thread's last error.
+AOTITorchError succeed() {
+  last_error.clear();
+  return kOk;
+}
+
 std::string shape_str(const int64_t* sizes, int64_t dim) {
   std::string s = "[";
   for (int64_t i = 0; i < dim; ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
@@ -139,8 +145,8 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
                 "; export with a lower MATVEC_MAX_M or rebuild with -DET_INT4_SHIM_GEMM_MAX_M=" +
                 std::to_string(max_m));
   }
-  if (p.m < 1 || p.m > max_m) {
-    return fail("self: expected 1 <= M <= max_m = " + std::to_string(max_m) + " rows, got M = " +
+  if (p.m > max_m) {
+    return fail("self: expected M <= max_m = " + std::to_string(max_m) + " rows, got M = " +
                 std::to_string(p.m));
   }
   if (p.k < et_int4::kBlockK) {
@@ -206,11 +212,11 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
   const int32_t cpu = aoti_torch_device_type_cpu();
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cpu, "cpu", p)) return e;
   if (AOTITorchError e = new_output(p, cpu, ret0)) return e;
+  if (p.m == 0) return succeed();
   et_int4::cpu::plain_mm(static_cast<const uint16_t*>(p.x.data), static_cast<const uint8_t*>(p.qdata.data),
                          static_cast<const uint16_t*>(p.scale.data), static_cast<const int8_t*>(p.zero.data),
                          static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size);
-  last_error.clear();
-  return kOk;
+  return succeed();
 }
 
 ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
@@ -223,6 +229,8 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   Problem p;
   const int32_t cuda = aoti_torch_device_type_cuda();
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cuda, "cuda", p)) return e;
+  // No rows: an empty [0, N] output and no launch (a grid of zero CTAs is a launch error).
+  if (p.m == 0) return new_output(p, cuda, ret0) ? kFailure : succeed();
   if (!aoti_torch_create_cuda_guard || !aoti_torch_delete_cuda_guard ||
       !aoti_torch_get_current_cuda_stream) {
     return fail("the host process has no CUDA runtime (its aoti_torch_* CUDA functions are missing); "
@@ -263,8 +271,7 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   // Freed in stream order by the host's allocator, so the kernels may still be reading it.
   if (workspace != nullptr) aoti_torch_delete_tensor_object(workspace);
   aoti_torch_delete_cuda_guard(guard);
-  if (result == kOk) last_error.clear();
-  return result;
+  return result == kOk ? succeed() : result;
 #endif
 }
 

@@ -93,6 +93,14 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+def test_no_rows_give_an_empty_output_and_launch_nothing():
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x, qdata, scale, zero = random_operands(0, 96, 256, 32, generator=gen, device="cuda")
+    for out in (run_op(x, qdata, scale, zero, 32), runtime.plain_mm(x, qdata, scale, zero, 32, 4)):
+        assert (out.dtype, tuple(out.shape), out.device.type) == (torch.bfloat16, (0, 96), "cuda")
+    torch.cuda.synchronize()
+
+
 def test_strided_activation_rows():
     # Each half of h.chunk(2, -1) (row stride 2K), as a model feeds it to a linear.
     gen = torch.Generator(device="cuda").manual_seed(7)

@@ -114,6 +114,21 @@ def test_dynamic_m_runs_at_each_size() -> None:
         assert torch.equal(rewritten.module()(x), expected)
 
 
+def test_dynamic_m_from_zero_gives_empty_results() -> None:
+    model = quantized(MLP())
+    ep = export(model, torch.randn(1, 3, 64, dtype=torch.bfloat16),
+                dynamic_shapes=({1: Dim("T", min=0, max=4)},))
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert [(d.m_min, d.m_max, d.routed) for d in et_int4.explain_int4_linears(ep)] == [(0, 4, True)] * 2
+    with torch.no_grad():
+        y = rewritten.module()(torch.randn(1, 0, 64, dtype=torch.bfloat16))
+        assert y.shape == ep.module()(torch.randn(1, 0, 64, dtype=torch.bfloat16)).shape == (1, 0, 32)
+        x = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+        expected = _linear(torch.relu(_linear(x, model.up_proj.weight)), model.down_proj.weight,
+                           model.down_proj.bias)
+        assert torch.equal(rewritten.module()(x), expected)
+
+
 def test_tied_weight_both_routed() -> None:
     model = quantized(Tied())
     a, b = (torch.randn(m, 64, dtype=torch.bfloat16) for m in (1, 3))

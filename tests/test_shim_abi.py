@@ -107,11 +107,12 @@ def _old_qdata_case():
     return [x, untile_weights(qdata, scale, zero)[0], scale, zero], 32
 
 
-def _k_case(k, m=1):
+def _k_case(k, m=1, device="cpu"):
     def case():
         x = torch.randn(m, k, dtype=torch.bfloat16)
         qdata = torch.zeros(1, 16 * k, dtype=torch.uint8)
-        return [x, qdata, torch.ones(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.int8)], 32
+        tensors = [x, qdata, torch.ones(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.int8)]
+        return [t.to(device) for t in tensors], 32
     return case
 
 
@@ -130,6 +131,9 @@ _OLD_ABI = r"^et_int4_plain_mm: qdata: expected the tiled layout.*got shape \[32
     pytest.param(_k_case(0, m=2), _K0_PY, _K0_ABI, id="k-zero-m2"),
     pytest.param(_k_case(16, m=2), r"self must be \[M, K\] with K >= 32, got K=16",
                  r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 16$", id="k-16"),
+    # The CUDA entry point refuses it before any launch, with the same message.
+    pytest.param(_k_case(0, device="cuda"), _K0_PY, _K0_ABI, id="k-zero-cuda", marks=pytest.mark.cuda),
+    pytest.param(_k_case(0, m=2, device="cuda"), _K0_PY, _K0_ABI, id="k-zero-m2-cuda", marks=pytest.mark.cuda),
 ])
 def test_python_check_and_c_abi_refuse_alike(case, python_pattern, abi_pattern):
     tensors, group_size = case()

@@ -29,7 +29,7 @@ from torch.export import ExportedProgram
 
 from et_int4 import SHIM_GEMM_MAX_M, explain_int4_linears, get_matvec_max_m, rewrite_int4_linears
 from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE
-from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4
+from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
 
 METHODS = ("prefill", "target_verify", "draft_decode")
 PTE_NAME = "eagle.pte"
@@ -43,13 +43,17 @@ class ExportOptions:
     group_size: int = 32
     max_seq_len: int | None = None  # None: the config's
     seed: int = 0
+    n_layers: int | None = None  # None: the config's
+    rewrite: bool = True  # False: every int4 linear stays dequantize + linear (a baseline)
 
     @property
     def model_args(self) -> ModelArgs:
         args = CONFIGS[self.config]
-        if self.max_seq_len is None:
-            return args
-        return dataclasses.replace(args, max_seq_len=self.max_seq_len)
+        if self.n_layers is not None:
+            args = with_layers(args, self.n_layers)
+        if self.max_seq_len is not None:
+            args = dataclasses.replace(args, max_seq_len=self.max_seq_len)
+        return args
 
     @property
     def min_prefill_len(self) -> int:
@@ -111,16 +115,17 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
             exported[name] = torch.export.export(
                 MethodModule(model, name), inputs, dynamic_shapes=dynamic_shapes)
             done()
-    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm")
+    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm" if opts.rewrite
+                 else "Leaving every int4 linear as dequantize + linear (no rewrite)")
     summary = []
     for name, ep in exported.items():
         decisions = explain_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
         summary.append(MethodSummary(
             name,
-            routed=tuple(d.name for d in decisions if d.routed),
-            kept=tuple(d.name for d in decisions if not d.routed),
+            routed=tuple(d.name for d in decisions if d.routed and opts.rewrite),
+            kept=tuple(d.name for d in decisions if not (d.routed and opts.rewrite)),
         ))
-        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
+        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m) if opts.rewrite else ep
     done()
     return EagleExport(model, exported, programs, summary)
 
@@ -207,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where eagle.pte and its .ptd go (default: out/)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random weights (default 0)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help="decoder layers of the target (default: the config's); fewer make a "
+                             "quicker export of the same layer shapes")
+    parser.add_argument("--no-rewrite", action="store_true",
+                        help="leave every int4 linear as dequantize + linear: the baseline without "
+                             "et_int4_plain_mm")
     parser.add_argument("--dry-run", action="store_true",
                         help="stop after routing and the summary; needs no GPU")
     return parser
@@ -241,7 +252,10 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
         shapes = " and ".join(f"{k}={v}" for k, v in dims.items())
         parser.error(f"--group-size {ns.group_size} must be a multiple of {GROUP_MULTIPLE} that "
                      f"divides {shapes} of --config {ns.config}")
-    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed)
+    if ns.n_layers is not None and ns.n_layers < 2:
+        parser.error(f"--n-layers {ns.n_layers} must be at least 2 (EAGLE-3 taps layers 1 .. n - 1)")
+    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
+                         ns.n_layers, not ns.no_rewrite)
     max_seq_len = opts.model_args.max_seq_len
     if max_seq_len <= opts.min_prefill_len:
         parser.error(f"--max-seq-len {max_seq_len} leaves no range for prefill, which starts at "

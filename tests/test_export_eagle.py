@@ -103,6 +103,7 @@ def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys):
     (["--chain-len", "7", "--matvec-max-m", "4"], "--chain-len 7 needs --matvec-max-m >= 8"),
     (["--group-size", "48"], "--group-size 48 must be a multiple of 32"),
     (["--max-seq-len", "9", "--matvec-max-m", "8"], "--max-seq-len 9 leaves no range for prefill"),
+    (["--n-layers", "1"], "--n-layers 1 must be at least 2"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
     if et_int4.SHIM_GEMM_MAX_M >= 16 and "16" in argv:
@@ -136,6 +137,21 @@ def test_default_limit_routes_the_verify_window():
     opts, _ = cli.parse_options(cli.build_parser(), ["--chain-len", "5"])
     assert opts.matvec_max_m == max(et_int4.get_matvec_max_m(), 6)
     assert opts.min_prefill_len == opts.matvec_max_m + 1
+
+
+def test_fewer_layers_keep_the_config_shapes():
+    opts, _ = cli.parse_options(cli.build_parser(), ["--config", "llama3-8b", "--n-layers", "4"])
+    args = opts.model_args
+    assert (args.n_layers, args.eagle_layers, args.dim, args.ffn_dim) == (4, (1, 2, 3), 4096, 14336)
+
+
+def test_no_rewrite_leaves_every_linear_as_exported(capsys):
+    opts, _ = cli.parse_options(cli.build_parser(), [*ARGV, "--n-layers", "2", "--no-rewrite"])
+    export = export_eagle(opts)
+    assert all(export.programs[name] is export.exported[name] for name in METHODS)
+    assert all(not s.routed for s in export.summary)
+    assert len(next(s for s in export.summary if s.name == "target_verify").kept) == 2 * 7 + 1
+    assert "no rewrite" in capsys.readouterr().out
 
 
 # -- numerics --------------------------------------------------------------------------------------

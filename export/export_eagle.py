@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -172,15 +174,39 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
         do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
     ))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pte = output_dir / PTE_NAME
-    with open(pte, "wb") as f:
-        program.write_to_file(f)
-    # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
-    program.write_tensor_data_to_file(str(output_dir))
+    files = write_program(program, output_dir)
     done()
-    return [pte, *(output_dir / (tag if tag.endswith(".ptd") else f"{tag}.ptd")
-                   for tag in program._tensor_data)]
+    return files
+
+
+def write_program(program, output_dir: Path) -> list[Path]:
+    """Write an ExecutorchProgramManager's .pte and .ptd files into ``output_dir``, all or none.
+
+    Each file is written under a temporary name (in a staging folder inside ``output_dir``, so on the
+    same file system) and renamed into place only once all are written: a failure on the way leaves
+    an earlier export's pair as it was, never a new .pte beside an old .ptd. Returns the .pte first.
+    """
+    with tempfile.TemporaryDirectory(prefix=f".{PTE_NAME}.", dir=output_dir) as staging:
+        staged = Path(staging)
+        with open(staged / PTE_NAME, "wb") as f:
+            program.write_to_file(f)
+        # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
+        program.write_tensor_data_to_file(staging)
+        data = sorted(f.name for f in staged.iterdir() if f.name != PTE_NAME)
+        for name in [*data, PTE_NAME]:  # the .pte last: a runner loads it first
+            os.replace(staged / name, output_dir / name)
+    return [output_dir / name for name in (PTE_NAME, *data)]
+
+
+def check_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    """Create ``output_dir`` and write a file in it now, not after minutes of lowering."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        parser.error(f"--output-dir {output_dir} cannot be written ({error.strerror or error}); "
+                     f"choose a folder you can write to")
 
 
 def print_summary(summary: list[MethodSummary]) -> None:
@@ -267,6 +293,8 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
 def main(argv=None) -> int:
     parser = build_parser()
     opts, ns = parse_options(parser, argv)
+    if not ns.dry_run:
+        check_output_dir(parser, ns.output_dir)
     export = export_eagle(opts)
     print_summary(export.summary)
     if ns.dry_run:

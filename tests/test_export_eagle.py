@@ -83,7 +83,8 @@ def test_dry_run(exported, monkeypatch, capsys):
     assert "target_verify" in out and "Dry run" in out
 
 
-def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys):
+def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default --output-dir out/ is made before the export
     monkeypatch.setattr(cli, "export_eagle", lambda opts: exported if opts == OPTIONS else None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(ARGV) != 0
@@ -118,6 +119,48 @@ def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_unwritable_output_dir_fails_before_any_work(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: pytest.fail("exported into an unwritable folder"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*ARGV, "--output-dir", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"--output-dir {blocker / 'out'} cannot be written" in capsys.readouterr().err
+
+
+def _program_with_a_ptd(n: int):
+    """A real ExecuTorch program whose weights go to a .ptd (made on CPU); its .pte differs with n."""
+    from executorch.exir import ExecutorchBackendConfig, to_edge
+
+    ep = torch.export.export(torch.nn.Linear(8, n), (torch.randn(2, 8),))
+    return to_edge(ep).to_executorch(ExecutorchBackendConfig(external_constants=True))
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_outputs_are_replaced_as_a_pair_or_not_at_all(monkeypatch, tmp_path):
+    first = cli.write_program(_program_with_a_ptd(4), tmp_path)
+    assert [f.name for f in first] == [cli.PTE_NAME, "_default_external_constant.ptd"]
+    old = _contents(tmp_path)
+    assert old.keys() == {f.name for f in first}
+    newer = _program_with_a_ptd(6)
+
+    def fail_after_the_pte(program, outdir):
+        raise OSError("injected: no space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(newer), "write_tensor_data_to_file", fail_after_the_pte)
+        with pytest.raises(OSError, match="injected"):
+            cli.write_program(newer, tmp_path)
+    assert _contents(tmp_path) == old  # the old pair, nothing half-written beside it
+    cli.write_program(newer, tmp_path)
+    new = _contents(tmp_path)
+    assert new.keys() == old.keys() and all(new[name] != old[name] for name in new)
 
 
 @pytest.mark.parametrize("run", [

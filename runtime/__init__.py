@@ -36,7 +36,7 @@ _HERE = Path(__file__).resolve().parent
 
 
 class ShimError(RuntimeError):
-    """A call into libet_int4 returned an error; the message is the shim's own."""
+    """libet_int4 could not be loaded, or a call into it returned an error (the shim's own message)."""
 
 
 def header_path() -> Path:
@@ -51,9 +51,10 @@ def library_path() -> Path | None:
     """
     override = os.environ.get(LIBRARY_ENV)
     if override:
-        path = Path(override)
+        # Absolute: dlopen would look a bare name up on the library path, not in the working folder.
+        path = Path(override).absolute()
         if not path.is_file():
-            raise FileNotFoundError(f"${LIBRARY_ENV} names {override}, which is not a file")
+            raise ShimError(_override_error(override, "no such file"))
         return path
     # A wheel installs the library next to this file; an editable install keeps this file in the
     # source tree and the library under site-packages, so look through every package location.
@@ -64,6 +65,12 @@ def library_path() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _override_error(override: str, reason: str) -> str:
+    return (f"${LIBRARY_ENV}={override} does not load ({reason}): it must be the path of a built "
+            f"{_LIBRARY_NAME} (e.g. build/<wheel tag>/{_LIBRARY_NAME} after `pip install "
+            f"--no-build-isolation -e .`); fix the path, or unset {LIBRARY_ENV} to use the installed one")
 
 
 def _header_default() -> int:
@@ -101,9 +108,15 @@ def load() -> ctypes.CDLL:
             f"or point ${LIBRARY_ENV} at a built library"
         )
     _libtorch()
-    lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
-    for device in ("cpu", "cuda"):
-        fn = getattr(lib, c_shim_name(device))
+    try:
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
+        entries = [getattr(lib, c_shim_name(device)) for device in ("cpu", "cuda")]
+    except (OSError, AttributeError) as error:  # not a library, or another library than ours
+        override = os.environ.get(LIBRARY_ENV)
+        raise ShimError(_override_error(override, str(error)) if override else
+                        f"{path} does not load ({error}); reinstall et-int4 with "
+                        f"`pip install --no-build-isolation .`") from None
+    for fn in entries:
         fn.argtypes = _ENTRY_ARGTYPES
         fn.restype = ctypes.c_int32
     lib.et_int4_shim_gemm_max_m.restype = ctypes.c_int64

@@ -57,6 +57,33 @@ def test_library_exports_the_abi():
             "et_int4_shim_gemm_max_m", "et_int4_last_error"} <= exported
 
 
+LOAD_CHECK = "from et_int4 import runtime; runtime.load(); print('loaded', runtime.shim_gemm_max_m())"
+
+
+@requires_library
+@pytest.mark.parametrize("override", ["bare-name", "bare-name-elsewhere", "not-a-library", "another-library",
+                                      "missing"])
+def test_library_override_loads_or_says_what_it_expected(override, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    value = {"bare-name": "libet_int4.so", "bare-name-elsewhere": "libet_int4.so",
+             "not-a-library": str(tmp_path / "libet_int4.so"), "missing": str(tmp_path / "nowhere.so"),
+             "another-library": str(Path(torch.__file__).parent / "lib" / "libc10.so")}[override]
+    if override == "bare-name":  # a bare name is a path relative to the working folder
+        (cwd / "libet_int4.so").write_bytes(runtime.library_path().read_bytes())
+    if override == "not-a-library":
+        (tmp_path / "libet_int4.so").write_text("not an ELF file")
+    env = dict(os.environ, ET_INT4_LIBRARY=value)
+    result = subprocess.run([sys.executable, "-c", LOAD_CHECK], cwd=cwd, env=env, capture_output=True, text=True)
+    if override == "bare-name":
+        assert result.returncode == 0 and "loaded" in result.stdout, result.stderr
+        return
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "ShimError" in last, result.stderr
+    assert f"$ET_INT4_LIBRARY={value}" in last and "a built libet_int4.so" in last, last
+    assert "unset ET_INT4_LIBRARY" in last, last
+
+
 @requires_library
 def test_shim_limit_is_the_package_limit():
     assert runtime.load().et_int4_shim_gemm_max_m() == et_int4.SHIM_GEMM_MAX_M

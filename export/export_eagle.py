@@ -30,6 +30,7 @@ import torch
 from torch.export import ExportedProgram
 
 from et_int4 import SHIM_GEMM_MAX_M, explain_int4_linears, get_matvec_max_m, rewrite_int4_linears
+from et_int4.backends.cuda.int4.limits import rebuild_hint
 from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE
 from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
 
@@ -263,14 +264,12 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
         parser.error(f"--matvec-max-m {limit} must be at least 1 (M = 1 is a decode step)")
     if limit > SHIM_GEMM_MAX_M:
         parser.error(f"--matvec-max-m {limit} exceeds SHIM_GEMM_MAX_M={SHIM_GEMM_MAX_M} of the "
-                     f"built library; use --matvec-max-m <= {SHIM_GEMM_MAX_M} or rebuild with "
-                     f"ET_INT4_SHIM_GEMM_MAX_M={limit}")
+                     f"built library; use --matvec-max-m <= {SHIM_GEMM_MAX_M}{rebuild_hint(limit)}")
     if verify_len > limit:
-        fix = (f"raise --matvec-max-m to {verify_len}" if verify_len <= SHIM_GEMM_MAX_M else
-               f"rebuild with ET_INT4_SHIM_GEMM_MAX_M={verify_len}")
+        fix = (f", or raise --matvec-max-m to {verify_len}" if verify_len <= SHIM_GEMM_MAX_M else
+               rebuild_hint(verify_len))
         parser.error(f"--chain-len {ns.chain_len} needs --matvec-max-m >= {verify_len} "
-                     f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1} "
-                     f"or {fix}")
+                     f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1}{fix}")
     args = CONFIGS[ns.config]
     dims = {"dim": args.dim, "ffn_dim": args.ffn_dim}
     if ns.group_size < GROUP_MULTIPLE or ns.group_size % GROUP_MULTIPLE or any(

@@ -27,6 +27,7 @@ __all__ = [
     "load",
     "plain_mm",
     "shim_gemm_max_m",
+    "shim_gemm_max_m_bound",
 ]
 
 LIBRARY_ENV = "ET_INT4_LIBRARY"
@@ -73,11 +74,11 @@ def _override_error(override: str, reason: str) -> str:
             f"--no-build-isolation -e .`); fix the path, or unset {LIBRARY_ENV} to use the installed one")
 
 
-def _header_default() -> int:
+def _header_define(name: str) -> int:
     text = header_path().read_text()
-    match = re.search(r"^#define\s+ET_INT4_SHIM_GEMM_MAX_M\s+(\d+)\s*$", text, re.MULTILINE)
+    match = re.search(rf"^#define\s+{name}\s+(\d+)\s*$", text, re.MULTILINE)
     if match is None:
-        raise RuntimeError(f"{header_path()} defines no ET_INT4_SHIM_GEMM_MAX_M")
+        raise RuntimeError(f"{header_path()} defines no {name}")
     return int(match.group(1))
 
 
@@ -128,8 +129,13 @@ def load() -> ctypes.CDLL:
 def shim_gemm_max_m() -> int:
     """``SHIM_GEMM_MAX_M`` of the built library, or the header's default when none is built."""
     if library_path() is None:
-        return _header_default()
+        return _header_define("ET_INT4_SHIM_GEMM_MAX_M")
     return int(load().et_int4_shim_gemm_max_m())
+
+
+def shim_gemm_max_m_bound() -> int:
+    """The largest ``SHIM_GEMM_MAX_M`` that any build accepts (CMake refuses more)."""
+    return _header_define("ET_INT4_SHIM_GEMM_MAX_M_BOUND")
 
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer

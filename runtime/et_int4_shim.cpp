@@ -140,10 +140,16 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
   p.m = p.x.sizes[0];
   p.k = p.x.sizes[1];
   if (max_m < 1 || max_m > ET_INT4_SHIM_GEMM_MAX_M) {
+    // Suggest a rebuild only where one would serve max_m: CMake refuses limits above the bound.
+    const std::string fix =
+        max_m < 1 ? "; export with MATVEC_MAX_M >= 1"
+        : max_m > ET_INT4_SHIM_GEMM_MAX_M_BOUND
+            ? "; export with a lower MATVEC_MAX_M (no build handles more than " +
+                  std::to_string(ET_INT4_SHIM_GEMM_MAX_M_BOUND) + " rows)"
+            : "; export with a lower MATVEC_MAX_M or rebuild with -DET_INT4_SHIM_GEMM_MAX_M=" +
+                  std::to_string(max_m);
     return fail("max_m: expected 1 <= max_m <= SHIM_GEMM_MAX_M = " +
-                std::to_string(ET_INT4_SHIM_GEMM_MAX_M) + ", got " + std::to_string(max_m) +
-                "; export with a lower MATVEC_MAX_M or rebuild with -DET_INT4_SHIM_GEMM_MAX_M=" +
-                std::to_string(max_m));
+                std::to_string(ET_INT4_SHIM_GEMM_MAX_M) + ", got " + std::to_string(max_m) + fix);
   }
   if (p.m > max_m) {
     return fail("self: expected M <= max_m = " + std::to_string(max_m) + " rows, got M = " +

@@ -16,6 +16,13 @@
 #define ET_INT4_SHIM_GEMM_MAX_M 8
 #endif
 
+// The largest ET_INT4_SHIM_GEMM_MAX_M a build accepts: the kernels hold at most two column tiles of
+// 8 rows. CMake and Python read it from here; messages never suggest a build above it.
+#define ET_INT4_SHIM_GEMM_MAX_M_BOUND 16
+#if ET_INT4_SHIM_GEMM_MAX_M < 1 || ET_INT4_SHIM_GEMM_MAX_M > ET_INT4_SHIM_GEMM_MAX_M_BOUND
+#error "ET_INT4_SHIM_GEMM_MAX_M must lie in 1..ET_INT4_SHIM_GEMM_MAX_M_BOUND"
+#endif
+
 #if defined(__GNUC__)
 #define ET_INT4_API __attribute__((visibility("default")))
 #else

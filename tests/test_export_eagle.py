@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import et_int4
+from et_int4 import runtime
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
 from numerics import rel_error
@@ -161,6 +162,19 @@ def test_outputs_are_replaced_as_a_pair_or_not_at_all(monkeypatch, tmp_path):
     cli.write_program(newer, tmp_path)
     new = _contents(tmp_path)
     assert new.keys() == old.keys() and all(new[name] != old[name] for name in new)
+
+
+BOUND = runtime.shim_gemm_max_m_bound()  # the largest SHIM_GEMM_MAX_M CMake accepts
+
+
+@pytest.mark.parametrize("argv", [["--matvec-max-m", str(BOUND + 1)], ["--chain-len", str(BOUND)],
+                                  ["--chain-len", str(BOUND), "--matvec-max-m", "4"]])
+def test_no_message_suggests_a_build_cmake_refuses(argv, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: pytest.fail("ran despite bad arguments"))
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "rebuild" not in err and f"no build handles more than {BOUND} rows" in err, err
 
 
 @pytest.mark.parametrize("run", [

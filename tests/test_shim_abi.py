@@ -108,6 +108,28 @@ def test_no_rows_give_an_empty_output():
 
 
 @requires_library
+@pytest.mark.parametrize("max_m, rebuild", [(0, None), (et_int4.SHIM_GEMM_MAX_M + 1, et_int4.SHIM_GEMM_MAX_M + 1),
+                                            (runtime.shim_gemm_max_m_bound() + 1, None)])
+def test_max_m_messages_suggest_only_builds_cmake_accepts(max_m, rebuild):
+    code, _, message = call_abi("cpu", list(small_operands()), 32, max_m)
+    assert code != 0 and message.startswith("et_int4_plain_mm: max_m: expected"), message
+    if rebuild is not None and rebuild <= runtime.shim_gemm_max_m_bound():
+        assert f"rebuild with -DET_INT4_SHIM_GEMM_MAX_M={rebuild}" in message, message
+    else:
+        assert "rebuild" not in message, message
+
+
+@requires_library
+def test_cmake_refuses_a_limit_above_the_bound(tmp_path):
+    bound = runtime.shim_gemm_max_m_bound()
+    result = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path), f"-DET_INT4_SHIM_GEMM_MAX_M={bound + 1}",
+                             "-DET_INT4_WITH_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ET_INT4_SHIM_GEMM_MAX_M must be an integer in 1..{bound}, got '{bound + 1}'" in result.stderr
+
+
+@requires_library
 def test_null_output_pointer_is_refused():
     with runtime.tensor_handles(list(small_operands())) as handles:
         fn = runtime.load().aoti_torch_cpu_et_int4_plain_mm

@@ -247,6 +247,8 @@ def abi_calls(draw):
         elif change == "row_major":
             shape = list(row_major[name])  # et-int4 0.1's layout (self is as before)
         shape = [max(s, 0) for s in shape]
+        if name == "self" and change == "rows":
+            m = wanted["self"][0] = shape[0]  # another M, valid or not by the rule on M below
         if change == "layout" and len(shape) == 2:
             t = torch.randint(0, 16, shape[::-1]).to(dtype).t()
         else:
@@ -262,9 +264,9 @@ def abi_calls(draw):
         if change == "rows" and name != "self":
             # N is 32 * qdata's row (tile) count: a disagreement on it may be reported on any of the three.
             bad |= WEIGHTS
-        if change in ("rows", "cols") and name == "self":
-            # K (and M) come from self: a K that disagrees with the weights may be reported on the
-            # group size or on any weight.
+        if change == "cols" and name == "self":
+            # K comes from self: a K that disagrees with the weights may be reported on the group
+            # size or on any weight.
             bad |= {"group_size"} | WEIGHTS
         if name == "qdata" and t is not None and t.dim() == 2 and t.shape[1] == k // 2:
             old_qdata = True

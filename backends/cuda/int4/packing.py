@@ -159,7 +159,9 @@ def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale and zero [N, G]."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
-    words = qdata.contiguous().view(torch.uint8).view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS, _WORDS)
+    # Flattened first: a contiguous [1, L] tensor may have any stride on its size-1 dimension.
+    words = qdata.contiguous().view(torch.uint8).flatten().view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS,
+                                                                                     _WORDS)
     rows = words.permute(0, 4, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, k // 2)
     return rows, _untile_groups(scale), _untile_groups(zero)
 

@@ -7,8 +7,13 @@ launched with grid.y = M (how ExecuTorch runs M > 4 today) and its multirow body
 rows; PyTorch's tinygemm `_weight_int4pack_mm` (W4A16, its own layout); bf16 `F.linear`.
 
 Bandwidth: "% copy bw" = bytes / time / the device-to-device copy bandwidth measured in the same
-run (bytes read + written), where bytes = weights + scales + zeros (et-int4: N*K/2 + 3*N*K/gs;
-ExecuTorch: N*K/2 + 2*N*K/gs + 4*N*K/256) + activations read (2*M*K) + output written (2*M*N).
+run (bytes read + written), where bytes = weights + scales + zeros (et-int4: N*K/2 + 3*N*K/gs with a
+zero point per group, N*K/2 + 2*N*K/gs + N with one per row; ExecuTorch: N*K/2 + 2*N*K/gs + 4*N*K/256)
++ activations read (2*M*K) + output written (2*M*N).
+
+Zero points ("zeros" column): "group" is one per row and group (asymmetric weights; ExecuTorch's
+format always stores one per group), "row" one per row, which the pass stores for torchao's
+symmetric default (all 8) and the kernels read once per row.
 
 Method: each variant runs inside one CUDA graph that calls it once per copy of the weights, the
 copies together larger than L2 so that every call streams its weights from HBM; graph replays are
@@ -31,10 +36,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import et_int4
 import torch
 import torch.nn.functional as F
-
-import et_int4
 from et_int4.backends.cuda.int4.packing import TILE_ROWS
 
 SHAPES = ["4096x4096", "4096x14336", "14336x4096", "5376x21504", "21504x5376"]  # K x N
@@ -100,7 +104,8 @@ class ExecuTorchKernels:
         self.lib = ctypes.CDLL(str(lib))
         self.lib.et_harness_q8_bytes.restype = ctypes.c_size_t
         self.lib.et_harness_int4_mm.restype = ctypes.c_int
-        self.lib.et_harness_int4_mm.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+        self.lib.et_harness_int4_mm.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4
+                                                + [ctypes.c_void_p])
         self.source = str(header)
 
     def weights(self, n: int, k: int, group_size: int, gen: torch.Generator) -> tuple:
@@ -129,25 +134,26 @@ ET_PER_ROW, ET_DISPATCHED, ET_MULTIROW_8 = 0, 1, 2
 
 
 def bench_shape(k: int, n: int, group_size: int, ms: list[int], max_m: int, bandwidth: float,
-                baselines: bool, executorch: ExecuTorchKernels | None) -> list[dict]:
+                baselines: bool, executorch: ExecuTorchKernels | None, zero_points: list[str]) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(k * n + group_size)
     groups = k // group_size
-    int4_bytes = n * k // 2 + n * groups * 3
     tiles = n // TILE_ROWS
+    zero_columns = {"group": groups * TILE_ROWS, "row": TILE_ROWS}
+    int4_bytes = {z: n * k // 2 + n * groups * 2 + tiles * zero_columns[z] for z in zero_points}
     # Random bytes in the tiled layout's shapes (the layout is a permutation: timing is the same).
-    weights = [
+    weights = {z: [
         (torch.randint(0, 256, (tiles, k * 16), dtype=torch.uint8, device="cuda", generator=gen),
          (torch.rand(tiles, groups * TILE_ROWS, device="cuda", generator=gen) * 0.02).to(torch.bfloat16),
-         torch.randint(0, 16, (tiles, groups * TILE_ROWS), dtype=torch.int8, device="cuda", generator=gen))
-        for _ in range(copies_for(int4_bytes))
-    ]
+         torch.randint(0, 16, (tiles, zero_columns[z]), dtype=torch.int8, device="cuda", generator=gen))
+        for _ in range(copies_for(int4_bytes[z]))
+    ] for z in zero_points}
     if baselines:
         # tinygemm: its own packed layout of nibbles; bf16 scales-and-zeros [K/gs, N, 2].
         tiny = [(torch._convert_weight_to_int4pack(
                     torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen), 8),
                  torch.stack([s.reshape(n, -1).t().float(), torch.randn(groups, n, device="cuda", generator=gen)],
                              dim=-1).bfloat16().contiguous())
-                for _, s, _ in weights]
+                for _, s, _ in weights[zero_points[0]]]
         dense = [torch.randn(n, k, device="cuda", generator=gen).bfloat16()
                  for _ in range(copies_for(n * k * 2))]
     if executorch is not None:
@@ -155,14 +161,11 @@ def bench_shape(k: int, n: int, group_size: int, ms: list[int], max_m: int, band
         et_weights = [executorch.weights(n, k, group_size, gen) for _ in range(copies_for(et_bytes))]
     op = torch.ops.et_int4.et_int4_plain_mm
 
-    rows = []
+    rows = {z: [] for z in zero_points}
     for m in ms:
         x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
         io_bytes = m * k * 2 + m * n * 2
-        floor_us = (int4_bytes + io_bytes) / bandwidth * 1e6
-        row = dict(k=k, n=n, group_size=group_size, m=m, floor=floor_us,
-                   ours=per_call_us([lambda w=w: op(x, *w, group_size, max_m) for w in weights]))
-        row["pct_bw"] = 100 * floor_us / row["ours"]
+        row = dict(k=k, n=n, group_size=group_size, m=m)  # the peers' columns, shared by both zero layouts
         if baselines:
             row["tinygemm"] = per_call_us([lambda t=t: torch._weight_int4pack_mm(x, t[0], group_size, t[1])
                                            for t in tiny])
@@ -177,20 +180,25 @@ def bench_shape(k: int, n: int, group_size: int, ms: list[int], max_m: int, band
 
             row["et"] = et_time(ET_PER_ROW if m > 4 else ET_DISPATCHED)
             row["et_pct_bw"] = 100 * (et_bytes + io_bytes) / bandwidth * 1e6 / row["et"]
-            row["vs_et"] = row["et"] / row["ours"]
             if m == 8:
                 row["et_multirow"] = et_time(ET_MULTIROW_8)
-                row["vs_et_multirow"] = row["et_multirow"] / row["ours"]
-        if baselines:
-            row["vs_tinygemm"] = row["tinygemm"] / row["ours"]
-        rows.append(row)
-    for row in rows:
-        row["vs_m1"] = row["ours"] / rows[0]["ours"]  # rows[0] is the smallest M asked for
-    return rows
+        for z in zero_points:
+            ours = dict(row, zeros=z, floor=(int4_bytes[z] + io_bytes) / bandwidth * 1e6,
+                        ours=per_call_us([lambda w=w: op(x, *w, group_size, max_m) for w in weights[z]]))
+            ours["pct_bw"] = 100 * ours["floor"] / ours["ours"]
+            for peer in ("et", "et_multirow", "tinygemm"):
+                if peer in ours:
+                    ours[f"vs_{peer}"] = ours[peer] / ours["ours"]
+            rows[z].append(ours)
+    for z_rows in rows.values():
+        for row in z_rows:
+            row["vs_m1"] = row["ours"] / z_rows[0]["ours"]  # z_rows[0] is the smallest M asked for
+    return [row for z in zero_points for row in rows[z]]
 
 
 # (header, format); a cell whose value a row lacks is "-", a column no row has is left out.
-COLUMNS = [("K x N", "{k} x {n}"), ("gs", "{group_size}"), ("M", "{m}"), ("et_int4 us", "{ours:.2f}"),
+COLUMNS = [("K x N", "{k} x {n}"), ("gs", "{group_size}"), ("zeros", "{zeros}"), ("M", "{m}"),
+           ("et_int4 us", "{ours:.2f}"),
            ("% copy bw", "{pct_bw:.0f}%"), ("t(M)/t(1)", "{vs_m1:.2f}"),
            ("ExecuTorch us", "{et:.2f}"), ("ET % copy bw", "{et_pct_bw:.0f}%"), ("ET / et_int4", "{vs_et:.2f}"),
            ("ET multirow-8 us", "{et_multirow:.2f}"), ("multirow-8 / et_int4", "{vs_et_multirow:.2f}"),
@@ -214,6 +222,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="K x N, e.g. 4096x14336")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--zero-points", nargs="+", choices=["group", "row"], default=["group", "row"],
+                        help="et_int4 weights with a zero point per group and/or one per row")
     parser.add_argument("--max-m", type=int, default=et_int4.SHIM_GEMM_MAX_M)
     parser.add_argument("--m", type=int, nargs="+", help="row counts (default 1..max-m)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
@@ -242,7 +252,7 @@ def main(argv=None) -> int:
         k, n = map(int, shape.split("x"))
         for gs in args.group_sizes:
             shape_rows = bench_shape(k, n, gs, args.m or list(range(1, args.max_m + 1)), args.max_m,
-                                     bandwidth, args.baselines, executorch)
+                                     bandwidth, args.baselines, executorch, args.zero_points)
             print(markdown(shape_rows), flush=True)
             rows += shape_rows
     report = f"{header}\n\n{markdown(rows)}\n"

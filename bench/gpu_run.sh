@@ -4,7 +4,13 @@
 # (ET_WHEELS=.whl-et1.2.0 for the 1.2.0 release: `device-wheels 1.2.0`).
 # Usage: [ET_WHEELS=DIR] bench/gpu_run.sh OUT_DIR STEP...
 #   steps: build pytest tests sanitizer aoti export cli bench verify
+#          runner runner_latency runner_sanitizer runner_ratio
 # The bench step times ExecuTorch's kernels too when ET_INT4_EXECUTORCH_SRC names its checkout.
+# The runner steps use the executor_runner that tools/build_executor_runner.sh put in .runner/
+# (ET_INT4_RUNNER_DIR), which must come from the release of ET_WHEELS: ET_WHEELS=.whl-et1.4.1 with
+# a runner built from v1.4.1. `runner` (the end-to-end test) keeps the tiny EAGLE program in
+# out/runner-eagle (git-ignored, so it stays for later calls on the same machine), which
+# runner_latency and runner_sanitizer run.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -13,6 +19,8 @@ site=/tmp/site-$(basename "$wheels")
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl || exit 1
 export PYTHONPATH=$site FLATC_EXECUTABLE=$site/executorch/data/bin/flatc
 python3 -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("torch", "executorch", "torchao")))' | tee "$out/versions.txt"
+runners=$(realpath "${ET_INT4_RUNNER_DIR:-.runner}")
+eagle=$PWD/out/runner-eagle
 status=0
 run() {  # run STEP COMMAND...: log to $out/STEP.log, print its tail
   local step=$1; shift
@@ -37,6 +45,31 @@ for step in "$@"; do
       ls -l out/ | tee -a "$out/cli.log" ;;
     bench) run bench python3 bench/bench_int4_mm.py --out "$out/bench.md" ;;
     verify) run verify python3 bench/bench_eagle_verify.py ;;
+    runner) run runner env ET_INT4_EXECUTOR_RUNNER="$runners/executor_runner" ET_INT4_RUNNER_WORKDIR="$eagle" \
+      python3 -m pytest -m cuda -v -p no:cacheprovider tests/test_runner_e2e.py ;;
+    runner_latency)  # the stock runner with the library preloaded; the linked one, plain and with options
+      lib=$(python3 -c 'import et_int4.runtime as r; print(r.library_path())')
+      files=(--pte "$eagle/eagle.pte" --ptd "$eagle/aoti_cuda_blob.ptd" --methods prefill,target_verify,draft_decode)
+      run runner_latency bash -c "set -eo pipefail
+        python3 bench/runner_latency.py --runner $runners/executor_runner --preload $lib ${files[*]} --label 'executor_runner + LD_PRELOAD'
+        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked' | tail -n +3
+        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, shared stream' -- --shared_cuda_stream | tail -n +3
+        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=prefill,target_verify,draft_decode | tail -n +3"
+      ;;
+    runner_sanitizer)  # memcheck over each method of the kept program, library preloaded
+      lib=$(python3 -c 'import et_int4.runtime as r; print(r.library_path())')
+      ldpath=$(python3 -c 'from et_int4.runtime.runner import runner_env; print(runner_env().get("LD_LIBRARY_PATH", ""))')
+      run runner_sanitizer bash -c "set -e; for m in prefill target_verify draft_decode; do echo == \$m
+        LD_LIBRARY_PATH=$ldpath compute-sanitizer --error-exitcode=9 env LD_PRELOAD=$lib \
+          $runners/executor_runner --model_path=$eagle/eagle.pte --data_path=$eagle/aoti_cuda_blob.ptd \
+          --method_name=\$m --print_output=none; done" ;;
+    runner_ratio)  # verify (8 tokens) against decode (1 token), 2 layers of Llama 3 8B shapes + lm_head
+      files=(--pte out/runner-llama/verify_decode.pte --ptd out/runner-llama/aoti_cuda_blob.ptd --methods decode,verify --ratio verify/decode)
+      run runner_ratio bash -c "set -e
+        python3 bench/bench_eagle_verify.py --layers 2 --pte out/runner-llama
+        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label linked
+        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=decode,verify"
+      ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -6,9 +6,8 @@
 
 import sys
 
-import torch
-
 import et_int4  # noqa: F401  (registers the op)
+import torch
 from et_int4.backends.cuda.int4.packing import tile_weights
 
 k, n, group_size, m = map(int, sys.argv[1:5])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import tempfile
@@ -29,10 +30,22 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from et_int4 import SHIM_GEMM_MAX_M, explain_int4_linears, get_matvec_max_m, rewrite_int4_linears
-from et_int4.backends.cuda.int4.limits import rebuild_hint
-from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE
-from et_int4.export.models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
+if __name__ == "__main__" and not __package__:
+    # Run as a file (python export/export_eagle.py): run it as the installed et_int4.export module,
+    # so that the relative imports below resolve (PEP 366).
+    __package__ = "et_int4.export"
+    importlib.import_module(__package__)
+
+from ..backends.cuda.int4.limits import (
+    DispatchLimitError,
+    check_matvec_max_m,
+    get_matvec_max_m,
+    rebuild_hint,
+    shim_gemm_max_m,
+)
+from ..backends.cuda.int4.packing import check_group_size
+from ..passes.rewrite_int4 import explain_int4_linears, rewrite_int4_linears
+from .models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
 
 METHODS = ("prefill", "target_verify", "draft_decode")
 PTE_NAME = "eagle.pte"
@@ -136,15 +149,17 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
 def constant_methods(opts: ExportOptions) -> dict:
     return {
         "get_matvec_max_m": opts.matvec_max_m,
-        "get_shim_gemm_max_m": SHIM_GEMM_MAX_M,
+        "get_shim_gemm_max_m": shim_gemm_max_m(),
         "get_chain_len": opts.chain_len,
         "get_max_seq_len": opts.model_args.max_seq_len,
         "get_min_prefill_len": opts.min_prefill_len,
     }
 
 
-def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Path) -> list[Path]:
-    """Lower every method with ExecuTorch's CUDA backend; write the .pte and its .ptd files."""
+def lower_to_executorch(programs: dict[str, ExportedProgram], constants: dict, output_dir: Path,
+                        pte_name: str = PTE_NAME) -> list[Path]:
+    """Lower every program, as a method of one .pte, with ExecuTorch's CUDA backend; write the
+    .pte and its .ptd files. ``constants`` become constant methods."""
     from executorch.backends.cuda.cuda_backend import CudaBackend
     from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
     from executorch.exir import (
@@ -154,19 +169,19 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
     )
     from executorch.exir.passes import MemoryPlanningPass
 
-    from et_int4.backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
+    from ..backends.cuda.int4.cuda_backend import et_int4_in_cuda_backend
 
-    done = _step(f"Lowering {', '.join(export.programs)} with the CUDA backend (AOTInductor)")
+    done = _step(f"Lowering {', '.join(programs)} with the CUDA backend (AOTInductor)")
     with et_int4_in_cuda_backend():
         edge = to_edge_transform_and_lower(
-            export.programs,
+            programs,
             # One partitioner per method: the backend names each method's compiled blobs by it.
             partitioner={
                 name: [CudaPartitioner([CudaBackend.generate_method_name_compile_spec(name)])]
-                for name in export.programs
+                for name in programs
             },
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=constant_methods(opts),
+            constant_methods=constants,
         )
     done()
     done = _step("Serializing")
@@ -175,28 +190,30 @@ def lower_to_executorch(export: EagleExport, opts: ExportOptions, output_dir: Pa
         do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
     ))
-    files = write_program(program, output_dir)
+    files = write_program(program, output_dir, pte_name)
     done()
     return files
 
 
-def write_program(program, output_dir: Path) -> list[Path]:
-    """Write an ExecutorchProgramManager's .pte and .ptd files into ``output_dir``, all or none.
+def write_program(program, output_dir: Path, pte_name: str = PTE_NAME) -> list[Path]:
+    """Write an ExecutorchProgramManager's .pte (as ``pte_name``) and .ptd files into ``output_dir``,
+    all or none.
 
     Each file is written under a temporary name (in a staging folder inside ``output_dir``, so on the
     same file system) and renamed into place only once all are written: a failure on the way leaves
     an earlier export's pair as it was, never a new .pte beside an old .ptd. Returns the .pte first.
     """
-    with tempfile.TemporaryDirectory(prefix=f".{PTE_NAME}.", dir=output_dir) as staging:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{pte_name}.", dir=output_dir) as staging:
         staged = Path(staging)
-        with open(staged / PTE_NAME, "wb") as f:
+        with open(staged / pte_name, "wb") as f:
             program.write_to_file(f)
         # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
         program.write_tensor_data_to_file(staging)
-        data = sorted(f.name for f in staged.iterdir() if f.name != PTE_NAME)
-        for name in [*data, PTE_NAME]:  # the .pte last: a runner loads it first
+        data = sorted(f.name for f in staged.iterdir() if f.name != pte_name)
+        for name in [*data, pte_name]:  # the .pte last: a runner loads it first
             os.replace(staged / name, output_dir / name)
-    return [output_dir / name for name in (PTE_NAME, *data)]
+    return [output_dir / name for name in (pte_name, *data)]
 
 
 def check_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> None:
@@ -254,29 +271,28 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
     """Parse and check the arguments; every violation exits with status 2 and names the flag."""
     ns = parser.parse_args(argv)
     verify_len = ns.chain_len + 1
+    shim_limit = shim_gemm_max_m()
     if ns.matvec_max_m is None:
         # Route the verify window when the library allows it; the checks below report when not.
-        ns.matvec_max_m = max(get_matvec_max_m(), min(verify_len, SHIM_GEMM_MAX_M))
+        ns.matvec_max_m = max(get_matvec_max_m(), min(verify_len, shim_limit))
     limit = ns.matvec_max_m
     if ns.chain_len < 1:
         parser.error(f"--chain-len {ns.chain_len} must be at least 1")
-    if limit < 1:
-        parser.error(f"--matvec-max-m {limit} must be at least 1 (M = 1 is a decode step)")
-    if limit > SHIM_GEMM_MAX_M:
-        parser.error(f"--matvec-max-m {limit} exceeds SHIM_GEMM_MAX_M={SHIM_GEMM_MAX_M} of the "
-                     f"built library; use --matvec-max-m <= {SHIM_GEMM_MAX_M}{rebuild_hint(limit)}")
+    try:
+        check_matvec_max_m(limit)
+    except DispatchLimitError as error:
+        parser.error(f"--matvec-max-m {limit}: {error}")
     if verify_len > limit:
-        fix = (f", or raise --matvec-max-m to {verify_len}" if verify_len <= SHIM_GEMM_MAX_M else
+        fix = (f", or raise --matvec-max-m to {verify_len}" if verify_len <= shim_limit else
                rebuild_hint(verify_len))
         parser.error(f"--chain-len {ns.chain_len} needs --matvec-max-m >= {verify_len} "
                      f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1}{fix}")
     args = CONFIGS[ns.config]
-    dims = {"dim": args.dim, "ffn_dim": args.ffn_dim}
-    if ns.group_size < GROUP_MULTIPLE or ns.group_size % GROUP_MULTIPLE or any(
-            d % ns.group_size for d in dims.values()):
-        shapes = " and ".join(f"{k}={v}" for k, v in dims.items())
-        parser.error(f"--group-size {ns.group_size} must be a multiple of {GROUP_MULTIPLE} that "
-                     f"divides {shapes} of --config {ns.config}")
+    for name, k in {"dim": args.dim, "ffn_dim": args.ffn_dim}.items():
+        try:
+            check_group_size(ns.group_size, k)
+        except ValueError as error:
+            parser.error(f"--group-size {ns.group_size}: {error} ({name} of --config {ns.config})")
     if ns.n_layers is not None and ns.n_layers < 2:
         parser.error(f"--n-layers {ns.n_layers} must be at least 2 (EAGLE-3 taps layers 1 .. n - 1)")
     opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
@@ -304,7 +320,7 @@ def main(argv=None) -> int:
               "torch.cuda.is_available() is False; rerun on a GPU machine, or pass --dry-run to "
               "stop after the summary", file=sys.stderr)
         return 1
-    files = lower_to_executorch(export, opts, ns.output_dir)
+    files = lower_to_executorch(export.programs, constant_methods(opts), ns.output_dir)
     print("Wrote " + ", ".join(str(f) for f in files))
     return 0
 

@@ -36,9 +36,9 @@ from torch.export.graph_signature import (
 from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import bound_sympy
 
-from et_int4.backends.cuda.int4.limits import DispatchLimitError, resolve_matvec_max_m
-from et_int4.backends.cuda.int4.op import et_int4_plain_mm
-from et_int4.backends.cuda.int4.packing import GROUP_MULTIPLE, TILE_ROWS, pack_torchao_weight, weight_shape
+from ..backends.cuda.int4.limits import DispatchLimitError, resolve_matvec_max_m
+from ..backends.cuda.int4.op import et_int4_plain_mm
+from ..backends.cuda.int4.packing import TILE_ROWS, check_group_size, pack_torchao_weight, weight_shape
 
 __all__ = ["Int4LinearDecision", "explain_int4_linears", "rewrite_int4_linears"]
 
@@ -203,9 +203,10 @@ def _match(ep: ExportedProgram, linear: fx.Node) -> tuple[_Int4Linear | None, st
     if len(block_size) != 2 or block_size[0] != 1:
         return None, f"the kernel takes weights quantized per group along K (block_size [1, gs]), got {block_size}"
     group_size = block_size[1]
-    if group_size % GROUP_MULTIPLE or k % group_size:
-        return None, (f"the kernel takes a group size that is a multiple of {GROUP_MULTIPLE} and "
-                      f"divides K={k}, got {group_size}")
+    try:
+        check_group_size(group_size, k)
+    except ValueError as error:
+        return None, str(error)
     if tensor.qdata.shape[0] % TILE_ROWS:
         return None, (f"the kernel takes weights in tiles of {TILE_ROWS} output rows, got "
                       f"N={tensor.qdata.shape[0]}")

@@ -12,17 +12,15 @@ import contextlib
 import ctypes
 import functools
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from et_int4.backends.cuda.int4.aoti import c_shim_name
+from .aoti import c_shim_name
 
 __all__ = [
     "ShimError",
-    "header_path",
     "library_path",
     "load",
     "plain_mm",
@@ -33,16 +31,10 @@ __all__ = [
 LIBRARY_ENV = "ET_INT4_LIBRARY"
 _LIBRARY_NAME = "libet_int4.so"
 _HANDLE = ctypes.c_void_p
-_HERE = Path(__file__).resolve().parent
 
 
 class ShimError(RuntimeError):
     """libet_int4 could not be loaded, or a call into it returned an error (the shim's own message)."""
-
-
-def header_path() -> Path:
-    """The C header that declares the ABI and defines the default ``ET_INT4_SHIM_GEMM_MAX_M``."""
-    return _HERE / "et_int4_shim.h"
 
 
 def library_path() -> Path | None:
@@ -59,9 +51,7 @@ def library_path() -> Path | None:
         return path
     # A wheel installs the library next to this file; an editable install keeps this file in the
     # source tree and the library under site-packages, so look through every package location.
-    import et_int4.runtime as pkg
-
-    for location in pkg.__spec__.submodule_search_locations or ():
+    for location in __spec__.submodule_search_locations or ():
         candidate = Path(location) / _LIBRARY_NAME
         if candidate.is_file():
             return candidate
@@ -72,14 +62,6 @@ def _override_error(override: str, reason: str) -> str:
     return (f"${LIBRARY_ENV}={override} does not load ({reason}): it must be the path of a built "
             f"{_LIBRARY_NAME} (e.g. build/<wheel tag>/{_LIBRARY_NAME} after `pip install "
             f"--no-build-isolation -e .`); fix the path, or unset {LIBRARY_ENV} to use the installed one")
-
-
-def _header_define(name: str) -> int:
-    text = header_path().read_text()
-    match = re.search(rf"^#define\s+{name}\s+(\d+)\s*$", text, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"{header_path()} defines no {name}")
-    return int(match.group(1))
 
 
 @functools.cache
@@ -112,6 +94,7 @@ def load() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
         entries = [getattr(lib, c_shim_name(device)) for device in ("cpu", "cuda")]
+        limits = (lib.et_int4_shim_gemm_max_m, lib.et_int4_shim_gemm_max_m_bound)
     except (OSError, AttributeError) as error:  # not a library, or another library than ours
         override = os.environ.get(LIBRARY_ENV)
         raise ShimError(_override_error(override, str(error)) if override else
@@ -120,22 +103,22 @@ def load() -> ctypes.CDLL:
     for fn in entries:
         fn.argtypes = _ENTRY_ARGTYPES
         fn.restype = ctypes.c_int32
-    lib.et_int4_shim_gemm_max_m.restype = ctypes.c_int64
+    for fn in limits:
+        fn.restype = ctypes.c_int64
     lib.et_int4_last_error.restype = ctypes.c_char_p
     return lib
 
 
 @functools.cache
 def shim_gemm_max_m() -> int:
-    """``SHIM_GEMM_MAX_M`` of the built library, or the header's default when none is built."""
-    if library_path() is None:
-        return _header_define("ET_INT4_SHIM_GEMM_MAX_M")
+    """``SHIM_GEMM_MAX_M`` of the library :func:`load` opens (set by CMake when it was built)."""
     return int(load().et_int4_shim_gemm_max_m())
 
 
+@functools.cache
 def shim_gemm_max_m_bound() -> int:
-    """The largest ``SHIM_GEMM_MAX_M`` that any build accepts (CMake refuses more)."""
-    return _header_define("ET_INT4_SHIM_GEMM_MAX_M_BOUND")
+    """The largest ``SHIM_GEMM_MAX_M`` that any build accepts (CMakeLists.txt; CMake refuses more)."""
+    return int(load().et_int4_shim_gemm_max_m_bound())
 
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer

@@ -9,22 +9,18 @@
 #include "backends/cuda/int4/int4_mm.h"
 #include "runtime/cpu_reference.h"
 
-// PyTorch's header declares these only under USE_CUDA; every ExecuTorch CUDA runtime defines them.
-// Weak, so that the library also loads into a CPU-only host (its CUDA entry point then says so).
-struct EtInt4CudaGuard;
-extern "C" {
-__attribute__((weak)) AOTITorchError aoti_torch_create_cuda_guard(int32_t device_index,
-                                                                  EtInt4CudaGuard** ret_guard);
-__attribute__((weak)) AOTITorchError aoti_torch_delete_cuda_guard(EtInt4CudaGuard* guard);
-__attribute__((weak)) AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index,
-                                                                       void** ret_stream);
-}
+#if !defined(ET_INT4_SHIM_GEMM_MAX_M) || !defined(ET_INT4_SHIM_GEMM_MAX_M_BOUND)
+#error "ET_INT4_SHIM_GEMM_MAX_M and ET_INT4_SHIM_GEMM_MAX_M_BOUND come from CMake"
+#endif
+#if ET_INT4_SHIM_GEMM_MAX_M < 1 || ET_INT4_SHIM_GEMM_MAX_M > ET_INT4_SHIM_GEMM_MAX_M_BOUND
+#error "ET_INT4_SHIM_GEMM_MAX_M must lie in 1..ET_INT4_SHIM_GEMM_MAX_M_BOUND"
+#endif
 
 namespace {
 
 constexpr AOTITorchError kOk = 0;
 constexpr AOTITorchError kFailure = 1;
-// c10::ScalarType codes (stable; see shared/executorch-abi/README.md).
+// c10::ScalarType codes (stable across PyTorch and ExecuTorch releases).
 constexpr int32_t kUInt8 = 0, kInt8 = 1, kBFloat16 = 15;
 
 thread_local std::string last_error;
@@ -113,6 +109,7 @@ AOTITorchError inspect(AtenTensorHandle t, const char* name, int32_t dtype_a, in
 struct Problem {
   TensorInfo x, qdata, scale, zero;
   int64_t m = 0, n = 0, k = 0;
+  bool row_zeros = false;  // zero is [N/32, 32]: one zero point per row
 };
 
 AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale,
@@ -160,8 +157,8 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
                 " (one activation block), got K = " + std::to_string(p.k));
   }
   if (group_size < et_int4::kBlockK || group_size % et_int4::kBlockK != 0 || p.k % group_size != 0) {
-    return fail("group_size: expected a multiple of 32 that divides K = " + std::to_string(p.k) +
-                ", got " + std::to_string(group_size));
+    return fail("group_size: expected a multiple of " + std::to_string(et_int4::kBlockK) +
+                " that divides K = " + std::to_string(p.k) + ", got " + std::to_string(group_size));
   }
   if (p.qdata.sizes[1] == p.k / 2) {
     return fail("qdata: expected the tiled layout [N/32, 16*K], got shape " + shape_str(p.qdata.sizes, 2) +
@@ -183,8 +180,12 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
                                       "([N/32, 16*K], tiled, for K from self)")) return e;
   if (AOTITorchError e = expect_shape(p.scale, "scale", tiles, groups * et_int4::kTileRows,
                                       "([N/32, 32*K/group_size], tiled)")) return e;
-  if (AOTITorchError e = expect_shape(p.zero, "zero", tiles, groups * et_int4::kTileRows,
-                                      "([N/32, 32*K/group_size], tiled)")) return e;
+  p.row_zeros = p.zero.sizes[0] == tiles && p.zero.sizes[1] == et_int4::kTileRows;
+  if (!p.row_zeros) {
+    if (AOTITorchError e = expect_shape(p.zero, "zero", tiles, groups * et_int4::kTileRows,
+                                        "([N/32, 32*K/group_size], tiled; or [N/32, 32], one zero point per row)"))
+      return e;
+  }
   if (p.n > INT32_MAX || p.k > INT32_MAX) {
     return fail("expected N and K below 2^31, got N = " + std::to_string(p.n) + ", K = " + std::to_string(p.k));
   }
@@ -221,7 +222,7 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
   if (p.m == 0) return succeed();
   et_int4::cpu::plain_mm(static_cast<const uint16_t*>(p.x.data), static_cast<const uint8_t*>(p.qdata.data),
                          static_cast<const uint16_t*>(p.scale.data), static_cast<const int8_t*>(p.zero.data),
-                         static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size);
+                         static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size, p.row_zeros);
   return succeed();
 }
 
@@ -250,7 +251,7 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
                   "-byte aligned data, got an offset view; pass a freshly allocated tensor");
     }
   }
-  EtInt4CudaGuard* guard = nullptr;
+  CUDAGuardHandle guard = nullptr;
   if (aoti_torch_create_cuda_guard(p.x.device_index, &guard)) {
     return fail("could not select CUDA device " + std::to_string(p.x.device_index));
   }
@@ -267,7 +268,8 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   } else if ((result = new_output(p, cuda, ret0)) == kOk) {
     const et_int4::cuda::PlainMmArgs args{p.x.data, static_cast<const uint8_t*>(p.qdata.data),
                                           p.scale.data, static_cast<const int8_t*>(p.zero.data),
-                                          data_of(*ret0), data_of(workspace), p.m, p.n, p.k, group_size};
+                                          data_of(*ret0), data_of(workspace), p.m, p.n, p.k, group_size,
+                                          p.row_zeros};
     if (const char* err = et_int4::cuda::launch_plain_mm(args, stream)) {
       aoti_torch_delete_tensor_object(*ret0);
       *ret0 = nullptr;
@@ -282,6 +284,8 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
 }
 
 ET_INT4_API int64_t et_int4_shim_gemm_max_m(void) { return ET_INT4_SHIM_GEMM_MAX_M; }
+
+ET_INT4_API int64_t et_int4_shim_gemm_max_m_bound(void) { return ET_INT4_SHIM_GEMM_MAX_M_BOUND; }
 
 ET_INT4_API const char* et_int4_last_error(void) { return last_error.c_str(); }
 

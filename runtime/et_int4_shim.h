@@ -3,25 +3,12 @@
 // AOTInductor names the C function after the op (`et_int4::et_int4_plain_mm` ->
 // `aoti_torch_cuda_et_int4_plain_mm`); the `et_int4_` prefix keeps it clear of ExecuTorch's own
 // `aoti_torch_cuda_int4_plain_mm`. The library calls only the AOTI functions that every ExecuTorch
-// CUDA runtime defines (shared/executorch-abi/safe_subset.txt), resolved from the host process.
+// CUDA runtime defines (aoti_abi.h declares them), resolved from the host process.
 #pragma once
 
 #include <stdint.h>
 
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-
-// Largest row count M the kernels handle. Python reads the built library's value through
-// et_int4_shim_gemm_max_m(), or this default when no library is built: keep it the only copy.
-#ifndef ET_INT4_SHIM_GEMM_MAX_M
-#define ET_INT4_SHIM_GEMM_MAX_M 8
-#endif
-
-// The largest ET_INT4_SHIM_GEMM_MAX_M a build accepts: the kernels hold at most two column tiles of
-// 8 rows. CMake and Python read it from here; messages never suggest a build above it.
-#define ET_INT4_SHIM_GEMM_MAX_M_BOUND 16
-#if ET_INT4_SHIM_GEMM_MAX_M < 1 || ET_INT4_SHIM_GEMM_MAX_M > ET_INT4_SHIM_GEMM_MAX_M_BOUND
-#error "ET_INT4_SHIM_GEMM_MAX_M must lie in 1..ET_INT4_SHIM_GEMM_MAX_M_BOUND"
-#endif
+#include "aoti_abi.h"
 
 #if defined(__GNUC__)
 #define ET_INT4_API __attribute__((visibility("default")))
@@ -42,7 +29,7 @@ extern "C" {
 //   scale [N/32, 32*K/group_size]    bfloat16, tiled likewise
 //   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise
 //   group_size                       a multiple of 32 that divides K
-//   max_m                            MATVEC_MAX_M at export time: M <= max_m <= ET_INT4_SHIM_GEMM_MAX_M
+//   max_m                            MATVEC_MAX_M at export time: M <= max_m <= et_int4_shim_gemm_max_m()
 //   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller; M = 0
 //                                    gives an empty [0, N] tensor and launches nothing
 // Returns 0 on success. On bad input (a qdata of the old row-major [N, K/2] layout included) nothing
@@ -57,8 +44,12 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
     AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale, AtenTensorHandle zero,
     int64_t group_size, int64_t max_m, AtenTensorHandle* ret0);
 
-// ET_INT4_SHIM_GEMM_MAX_M as this library was built.
+// SHIM_GEMM_MAX_M, the largest M this library handles: CMake's ET_INT4_SHIM_GEMM_MAX_M when it was built.
 ET_INT4_API int64_t et_int4_shim_gemm_max_m(void);
+
+// The largest SHIM_GEMM_MAX_M any build accepts (CMake refuses more): limit messages suggest no
+// rebuild above it.
+ET_INT4_API int64_t et_int4_shim_gemm_max_m_bound(void);
 
 // The message of the calling thread's last failed call, or "" if it has none.
 ET_INT4_API const char* et_int4_last_error(void);

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import torch
-
 from et_int4.backends.cuda.int4.packing import tile_weights, unpack_nibbles, untile_weights
 from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
 
 
 def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator,
-                    device: str = "cpu"):
-    """Random packed weights with asymmetric zeros, activations with a few large outliers:
-    ``(x, qdata, scale, zero)`` in the op's (tiled) format."""
+                    device: str = "cpu", row_zeros: bool = False):
+    """Random packed weights with asymmetric zeros (one per group, or one per row), activations with a
+    few large outliers: ``(x, qdata, scale, zero)`` in the op's (tiled) format."""
     groups = k // group_size
     qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
     scale = (torch.rand(n, groups, device=device, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
-    zero = torch.randint(0, 16, (n, groups), dtype=torch.int8, device=device, generator=generator)
+    zero = torch.randint(0, 16, (n, 1 if row_zeros else groups), dtype=torch.int8, device=device,
+                         generator=generator)
     qdata, scale, zero = tile_weights(qdata, scale, zero)
     x = torch.randn(m, k, device=device, generator=generator)
     outliers = torch.rand(m, k, device=device, generator=generator) < 0.01
@@ -46,6 +46,7 @@ def w4a8_float64(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero
     q, d = quantize_activation_blocks(x.cpu())
     rows, s, z = untile_weights(qdata.cpu(), scale.cpu(), zero.cpu())
     u = unpack_nibbles(rows).double()
+    z = z.expand_as(s)  # one zero point per row applies to every group
     w = (u - z.double().repeat_interleave(group_size, 1)) * s.double().repeat_interleave(group_size, 1)
     xq = q.double() * d.double().repeat_interleave(32, 1)
     return xq @ w.T

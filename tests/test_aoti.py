@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import zipfile
 
+import et_int4
 import pytest
 import torch
-
-import et_int4
 from et_int4 import runtime
-from et_int4.backends.cuda.int4.aoti import c_shim_name, custom_ops_to_c_shims
-
+from et_int4.runtime.aoti import c_shim_name, custom_ops_to_c_shims
 from models import MLP, Chunked, quantized
 
 pytestmark = pytest.mark.skipif(runtime.library_path() is None, reason="libet_int4 is not built")

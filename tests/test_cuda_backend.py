@@ -12,16 +12,15 @@ pytest.importorskip("triton", reason="ExecuTorch's CUDA backend imports triton")
 import collections  # noqa: E402
 import random  # noqa: E402
 
-import torch  # noqa: E402
-from executorch.backends.cuda.cuda_backend import CudaBackend  # noqa: E402
-
 import et_int4  # noqa: E402,F401  (registers the op)
-from et_int4.backends.cuda.int4 import aoti  # noqa: E402
+import torch  # noqa: E402
 from et_int4.backends.cuda.int4.cuda_backend import (  # noqa: E402
     _in_graph_order,
     _repeat_kv_heads,
     et_int4_in_cuda_backend,
 )
+from et_int4.runtime import aoti  # noqa: E402
+from executorch.backends.cuda.cuda_backend import CudaBackend  # noqa: E402
 
 _C_SHIMS = "aot_inductor.custom_ops_to_c_shims"
 _OP = torch.ops.et_int4.et_int4_plain_mm.default
@@ -140,9 +139,8 @@ def test_partition_nodes_keep_graph_order():
 
 
 def test_executorch_1_2_fixes_apply_to_1_2_only(monkeypatch):
-    from executorch.exir import lowered_backend_module as lowering
-
     from et_int4.backends.cuda.int4 import cuda_backend
+    from executorch.exir import lowered_backend_module as lowering
 
     monkeypatch.setattr(lowering, "topo_sort", _breadth_first_topo_sort)
     before = CudaBackend.__dict__["get_custom_passes"]

@@ -9,10 +9,9 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import et_int4
 import pytest
 import torch
-
-import et_int4
 from et_int4 import runtime
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
@@ -98,12 +97,12 @@ def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys, tmp
 
 @pytest.mark.parametrize("argv, message", [
     (["--matvec-max-m", "16"],
-     f"--matvec-max-m 16 exceeds SHIM_GEMM_MAX_M={et_int4.SHIM_GEMM_MAX_M} of the built library"),
+     f"--matvec-max-m 16: MATVEC_MAX_M=16 exceeds SHIM_GEMM_MAX_M={et_int4.SHIM_GEMM_MAX_M}, the largest M the built"),
     (["--chain-len", "8", "--matvec-max-m", "8"], "--chain-len 8 needs --matvec-max-m >= 9"),
-    (["--matvec-max-m", "0"], "--matvec-max-m 0 must be at least 1"),
+    (["--matvec-max-m", "0"], "--matvec-max-m 0: MATVEC_MAX_M must be at least 1"),
     (["--chain-len", "0"], "--chain-len 0 must be at least 1"),
     (["--chain-len", "7", "--matvec-max-m", "4"], "--chain-len 7 needs --matvec-max-m >= 8"),
-    (["--group-size", "48"], "--group-size 48 must be a multiple of 32"),
+    (["--group-size", "48"], "--group-size 48: group_size must be a multiple of 32"),
     (["--max-seq-len", "9", "--matvec-max-m", "8"], "--max-seq-len 9 leaves no range for prefill"),
     (["--n-layers", "1"], "--n-layers 1 must be at least 2"),
 ])
@@ -187,7 +186,7 @@ def test_runs_as_a_script(run, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run()
     assert exit_info.value.code == 2
-    assert "--matvec-max-m 0 must be at least 1" in capsys.readouterr().err
+    assert "--matvec-max-m 0: MATVEC_MAX_M must be at least 1" in capsys.readouterr().err
 
 
 def test_default_limit_routes_the_verify_window():
@@ -287,11 +286,10 @@ def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
     both of its tables) in target_verify and draft_decode only; method 0 is draft_decode.
     """
     pytest.importorskip("triton", reason="ExecuTorch's CUDA backend imports triton")
+    from et_int4.runtime import aoti
     from executorch.backends.cuda.cuda_backend import CudaBackend
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.backend.backend_details import BackendDetails, PreprocessResult
-
-    from et_int4.backends.cuda.int4 import aoti
 
     seen = {}
 
@@ -308,7 +306,7 @@ def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
     monkeypatch.setattr(CudaBackend, "preprocess", classmethod(preprocess))
     monkeypatch.setattr(CudaBackend, "preprocess_multimethod",
                         BackendDetails.__dict__["preprocess_multimethod"])
-    files = cli.lower_to_executorch(exported, OPTIONS, tmp_path)
+    files = cli.lower_to_executorch(exported.programs, cli.constant_methods(OPTIONS), tmp_path)
     routed = {s.name: len(s.routed) for s in exported.summary}
     assert seen == {name: (routed[name], True) for name in METHODS}
     plans = deserialize_pte_binary(files[0].read_bytes()).program.execution_plan
@@ -359,10 +357,9 @@ def test_full_export_calls_the_shim_in_verify_and_draft_only(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["target_verify", "draft_decode"])
 def test_aoti_runtime_matches_the_rewritten_program(method, tmp_path):
-    from torch.export.passes import move_to_device_pass
-
     import et_int4.runtime
-    from et_int4.backends.cuda.int4.aoti import custom_ops_to_c_shims
+    from et_int4.runtime.aoti import custom_ops_to_c_shims
+    from torch.export.passes import move_to_device_pass
 
     et_int4.runtime.load()
     opts, _ = cli.parse_options(cli.build_parser(), GPU_ARGV)

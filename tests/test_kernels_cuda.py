@@ -8,10 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import et_int4
 import pytest
 import torch
-
-import et_int4
 from et_int4 import runtime
 from numerics import assert_within_one_rounding, random_operands, rel_error, w4a8_float64
 
@@ -56,6 +55,17 @@ def test_matches_reference_for_every_m(n, k, group_size):
         poison_next_output(m, n)
         out = run_op(x, qdata, scale, zero, group_size)
         assert_matches_reference(out, x, qdata, scale, zero, group_size)
+
+
+@pytest.mark.parametrize("n,k,group_size", [(96, 4096, 32), (4096, 5376, 32), (160, 4224, 64), (64, 4096, 128),
+                                            (32, 768, 96), (14336, 4096, 256)])
+def test_one_zero_point_per_row_matches_reference_for_every_m(n, k, group_size):
+    gen = torch.Generator(device="cuda").manual_seed(n + k + group_size)
+    for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda", row_zeros=True)
+        assert zero.shape == (n // 32, 32)
+        poison_next_output(m, n)
+        assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

@@ -7,9 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from et_int4 import PackedInt4, pack_int4, unpack_int4
 from et_int4.backends.cuda.int4.packing import (
     TILE_ROWS,
@@ -18,6 +15,8 @@ from et_int4.backends.cuda.int4.packing import (
     untile_weights,
     weight_shape,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import MLP, quantized
 
 
@@ -49,9 +48,12 @@ def test_round_trip(tiles: int, groups: int, group_size: int, asymmetric: bool, 
     assert packed.shape == (n, k) and weight_shape(packed.qdata) == (n, k)
     assert (packed.qdata.dtype, packed.qdata.shape) == (torch.uint8, (tiles, 16 * k))
     assert (packed.scale.dtype, packed.scale.shape) == (torch.bfloat16, (tiles, 32 * groups))
-    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * groups))
+    # One zero point per row where a row has no other (symmetric: all of them), else one per group.
+    per_row = bool((zero_point == zero_point[:, :1]).all())
+    assert per_row or asymmetric
+    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * (1 if per_row else groups)))
     # Low nibble = even k, value q + 8; zero point in the same +8 domain; then tiled.
-    expected = tile_weights(_row_major_nibbles(qdata), scale, zero_point + 8)
+    expected = tile_weights(_row_major_nibbles(qdata), scale, (zero_point[:, :1] if per_row else zero_point) + 8)
     assert all(torch.equal(a, b) for a, b in zip((packed.qdata, packed.scale, packed.zero), expected))
     assert int(packed.zero.min()) >= 0 and int(packed.zero.max()) <= 15
     q, s, z = unpack_int4(packed)
@@ -135,6 +137,16 @@ def test_one_tile_with_any_stride_on_its_size_1_dimension_unpacks_the_same() -> 
     assert odd.is_contiguous() and odd.stride() == (1, 1)
     as_odd = dataclasses.replace(packed, qdata=odd)
     assert all(torch.equal(a, b) for a, b in zip(unpack_int4(as_odd), unpack_int4(packed)))
+
+
+def test_zero_points_per_row_are_stored_once_and_read_back_per_group() -> None:
+    qdata, scale, _ = _weights(64, 256, 32, asymmetric=False)
+    zero_point = torch.randint(-8, 8, (64, 1), dtype=torch.int8).expand(64, 8).contiguous()
+    packed = pack_int4(qdata, scale, zero_point)
+    assert packed.zero.shape == (2, 32)
+    assert torch.equal(unpack_int4(packed)[2], zero_point)
+    zero_point[5, 3] += 1 if zero_point[5, 3] < 7 else -1  # one group differs: back to one per group
+    assert pack_int4(qdata, scale, zero_point).zero.shape == (2, 256)
 
 
 def test_packed_is_frozen() -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import et_int4
 import pytest
 import torch
-
-import et_int4
 from et_int4 import pack_int4, runtime, w4a8_reference
 from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
 from numerics import random_operands, rel_error

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import et_int4
 import pytest
 import torch
-from torch import nn
-from torch.export import Dim
-
-import et_int4
 from et_int4.backends.cuda.int4.packing import pack_torchao_weight
 from models import MLP, Tied, export, mlp_program, quantized
 from numerics import rel_error
+from torch import nn
+from torch.export import Dim
 
 OP = torch.ops.et_int4.et_int4_plain_mm.default
 DEQUANTIZE = torch.ops.torchao.dequantize_affine.default
@@ -63,13 +62,14 @@ def test_signature_state_dict_and_constants() -> None:
     assert placeholders[-1] == "x"  # the constants go before the user inputs
     consts = {k: (v.dtype, tuple(v.shape)) for k, v in rewritten.constants.items()}
     assert consts == {
-        # Tiled: [N/32, 16*K] nibbles, [N/32, 32*K/group_size] scales and zeros (group_size 32).
+        # Tiled: [N/32, 16*K] nibbles, [N/32, 32*K/group_size] scales (group_size 32); torchao's
+        # symmetric default has one zero point per row, stored once: [N/32, 32].
         "up_proj.weight_et_int4_qdata": (torch.uint8, (3, 1024)),
         "up_proj.weight_et_int4_scale": (torch.bfloat16, (3, 64)),
-        "up_proj.weight_et_int4_zero": (torch.int8, (3, 64)),
+        "up_proj.weight_et_int4_zero": (torch.int8, (3, 32)),
         "down_proj.weight_et_int4_qdata": (torch.uint8, (1, 1536)),
         "down_proj.weight_et_int4_scale": (torch.bfloat16, (1, 96)),
-        "down_proj.weight_et_int4_zero": (torch.int8, (1, 96)),
+        "down_proj.weight_et_int4_zero": (torch.int8, (1, 32)),
     }
     packed = pack_torchao_weight(ep.state_dict["up_proj.weight"])
     assert torch.equal(rewritten.constants["up_proj.weight_et_int4_qdata"], packed.qdata)

@@ -9,19 +9,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import et_int4
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import et_int4
 from et_int4 import runtime
 from et_int4.backends.cuda.int4.packing import untile_weights
 from et_int4.backends.cuda.int4.reference import check_w4a8_args
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numerics import assert_within_one_rounding, random_operands
 
 REPO = Path(__file__).resolve().parents[1]
-SAFE_SUBSET = REPO.parent / "shared" / "executorch-abi" / "safe_subset.txt"
+ALLOWED_SYMBOLS = REPO / "runtime" / "aoti_allowed_symbols.txt"
+AOTI_HEADER = REPO / "runtime" / "aoti_abi.h"
 
 requires_library = pytest.mark.skipif(
     runtime.library_path() is None, reason="libet_int4 is not built (pip install --no-build-isolation .)")
@@ -36,16 +36,26 @@ def call_abi(device, tensors, group_size, max_m):
         return runtime.call_entry(device, handles, group_size, max_m)
 
 
+def allowed_aoti_functions() -> set[str]:
+    lines = (line.split("#")[0].strip() for line in ALLOWED_SYMBOLS.read_text().splitlines())
+    return {line for line in lines if line}
+
+
+def test_aoti_header_declares_only_allowed_functions():
+    declared = set(re.findall(r"\b(aoti_torch_\w+)\(", AOTI_HEADER.read_text()))
+    assert declared, f"{AOTI_HEADER} should declare the AOTI functions the library calls"
+    assert declared <= allowed_aoti_functions(), \
+        f"not defined by every ExecuTorch CUDA runtime: {sorted(declared - allowed_aoti_functions())}"
+
+
 @requires_library
 def test_library_calls_only_aoti_functions_every_executorch_runtime_has():
-    if not SAFE_SUBSET.is_file():
-        pytest.skip(f"{SAFE_SUBSET} is not beside this checkout")
     nm = subprocess.run(["nm", "-D", "--undefined-only", str(runtime.library_path())],
                         capture_output=True, text=True, check=True).stdout
     used = {line.split()[-1] for line in nm.splitlines() if line.split()[-1].startswith("aoti_torch_")}
-    allowed = set(SAFE_SUBSET.read_text().split())
     assert used, "the library should call the host's AOTI functions"
-    assert used <= allowed, f"not defined by every ExecuTorch CUDA runtime: {sorted(used - allowed)}"
+    assert used <= allowed_aoti_functions(), \
+        f"not defined by every ExecuTorch CUDA runtime: {sorted(used - allowed_aoti_functions())}"
 
 
 @requires_library
@@ -54,7 +64,7 @@ def test_library_exports_the_abi():
                         capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines()}
     assert {"aoti_torch_cuda_et_int4_plain_mm", "aoti_torch_cpu_et_int4_plain_mm",
-            "et_int4_shim_gemm_max_m", "et_int4_last_error"} <= exported
+            "et_int4_shim_gemm_max_m", "et_int4_shim_gemm_max_m_bound", "et_int4_last_error"} <= exported
 
 
 LOAD_CHECK = "from et_int4 import runtime; runtime.load(); print('loaded', runtime.shim_gemm_max_m())"
@@ -85,14 +95,22 @@ def test_library_override_loads_or_says_what_it_expected(override, tmp_path):
 
 
 @requires_library
-def test_shim_limit_is_the_package_limit():
-    assert runtime.load().et_int4_shim_gemm_max_m() == et_int4.SHIM_GEMM_MAX_M
+def test_library_serves_every_m_up_to_its_limit_and_no_more():
+    limit = et_int4.SHIM_GEMM_MAX_M
+    operands = random_operands(limit, 32, 64, 32, generator=torch.Generator().manual_seed(limit))
+    code, out, message = call_abi("cpu", list(operands), 32, limit)
+    assert code == 0, message
+    assert_within_one_rounding(out, et_int4.w4a8_reference(*operands, 32))
+    code, out, message = call_abi("cpu", list(operands), 32, limit + 1)
+    assert code != 0 and out is None
+    assert f"SHIM_GEMM_MAX_M = {limit}, got {limit + 1}" in message
 
 
 @requires_library
+@pytest.mark.parametrize("row_zeros", [False, True], ids=["zero-per-group", "zero-per-row"])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 96, 4224, 96), (8, 160, 512, 256), (5, 32, 32, 32)])
-def test_cpu_entry_point_matches_python_reference(m, n, k, group_size):
-    operands = random_operands(m, n, k, group_size,
+def test_cpu_entry_point_matches_python_reference(m, n, k, group_size, row_zeros):
+    operands = random_operands(m, n, k, group_size, row_zeros=row_zeros,
                                generator=torch.Generator().manual_seed(m * n + k))
     code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
     assert code == 0, message
@@ -165,7 +183,8 @@ def _k_case(k, m=1, device="cpu"):
     return case
 
 
-_K0_PY, _K0_ABI = r"self must be \[M, K\] with K >= 32, got K=0", r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 0$"
+_K0_PY = r"self must be \[M, K\] with K >= 32, got K=0"
+_K0_ABI = r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 0$"
 _OLD_PY = r"qdata has shape \(32, 32\).*row-major.*re-export"
 _OLD_ABI = r"^et_int4_plain_mm: qdata: expected the tiled layout.*got shape \[32, 32\].*row-major.*re-export"
 
@@ -306,45 +325,58 @@ def test_abi_refuses_bad_input_and_computes_good_input(call):
         assert "expected" in message and "got" in message
 
 
-LIMIT_4_CHECK = textwrap.dedent(
+# Run with ET_INT4_LIBRARY naming a library CMake built with SHIM_GEMM_MAX_M = LIMIT (argv[1]).
+LIMIT_CHECK = textwrap.dedent(
     """
-    import pytest, torch, et_int4
+    import sys, pytest, torch, et_int4
     from et_int4 import runtime
-    assert et_int4.SHIM_GEMM_MAX_M == 4, et_int4.SHIM_GEMM_MAX_M
-    with pytest.raises(et_int4.DispatchLimitError, match="SHIM_GEMM_MAX_M"):
-        with et_int4.matvec_max_m(8):
-            pass
+    from et_int4.backends.cuda.int4.packing import tile_weights
+    limit = int(sys.argv[1])
+    assert et_int4.SHIM_GEMM_MAX_M == limit, et_int4.SHIM_GEMM_MAX_M
+    with pytest.raises(et_int4.DispatchLimitError, match=f"SHIM_GEMM_MAX_M={limit}"):
+        et_int4.matvec_max_m(limit + 1)
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
-    from et_int4.backends.cuda.int4.packing import tile_weights
     model = torch.nn.Linear(64, 32, bias=False).bfloat16()
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-    ep = torch.export.export(model, (torch.randn(4, 64).bfloat16(),))
+    ep = torch.export.export(model, (torch.randn(limit, 64).bfloat16(),))
     with pytest.raises(et_int4.DispatchLimitError, match="SHIM_GEMM_MAX_M"):
-        et_int4.rewrite_int4_linears(ep, matvec_max_m=8)
-    assert [d.routed for d in et_int4.explain_int4_linears(ep, matvec_max_m=4)] == [True]
-    x = torch.randn(2, 64).bfloat16()
+        et_int4.rewrite_int4_linears(ep, matvec_max_m=limit + 1)
+    assert [d.routed for d in et_int4.explain_int4_linears(ep, matvec_max_m=limit)] == [True]
+    x = torch.randn(limit, 64).bfloat16()
     q, s, z = tile_weights(torch.randint(0, 256, (32, 32), dtype=torch.uint8), torch.rand(32, 2).bfloat16(),
                            torch.randint(0, 16, (32, 2), dtype=torch.int8))
-    handles = [runtime._capsule_pointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x, q, s, z])]
-    code, out, message = runtime.call_entry("cpu", handles, 32, 8)
-    assert code != 0 and "SHIM_GEMM_MAX_M = 4" in message, message
-    code, out, message = runtime.call_entry("cpu", handles, 32, 4)
-    assert code == 0, message
-    print("limit 4 ok")
+    with runtime.tensor_handles([x, q, s, z]) as handles:
+        code, out, message = runtime.call_entry("cpu", handles, 32, limit + 1)
+        assert code != 0 and f"SHIM_GEMM_MAX_M = {limit}," in message, message
+        code, out, message = runtime.call_entry("cpu", handles, 32, limit)
+        assert code == 0 and out.shape == (limit, 32), message
+    print("limit ok")
     """
 )
 
 
+def _configured_limit(build: Path) -> int:
+    """SHIM_GEMM_MAX_M as CMake configured ``build``: read back from CMake's cache."""
+    cache = subprocess.run(["cmake", "-N", "-L", str(build)], check=True, capture_output=True, text=True).stdout
+    values = [line.split("=", 1)[1] for line in cache.splitlines() if line.startswith("ET_INT4_SHIM_GEMM_MAX_M:")]
+    assert len(values) == 1, cache
+    return int(values[0])
+
+
 @requires_library
 @pytest.mark.slow
-def test_library_built_with_a_lower_limit_refuses_more(tmp_path):
+@pytest.mark.parametrize("define", [None, 4], ids=["cmake-default", "limit-4"])
+def test_library_has_the_limit_cmake_was_configured_with(define, tmp_path):
+    """CMake's ET_INT4_SHIM_GEMM_MAX_M (its default, or a -D) reaches the library's checks and Python."""
     build = tmp_path / "build"
-    python = f"-DPython_EXECUTABLE={sys.executable}"
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-DET_INT4_SHIM_GEMM_MAX_M=4",
-                    "-DET_INT4_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release", python],
-                   check=True, capture_output=True)
+    configure = ["cmake", "-S", str(REPO), "-B", str(build), "-DET_INT4_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+    if define is not None:
+        configure.append(f"-DET_INT4_SHIM_GEMM_MAX_M={define}")
+    subprocess.run(configure, check=True, capture_output=True)
+    limit = _configured_limit(build)
+    assert define is None or limit == define
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
     env = dict(os.environ, ET_INT4_LIBRARY=str(build / "libet_int4.so"))
-    result = subprocess.run([sys.executable, "-c", LIMIT_4_CHECK], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "limit 4 ok" in result.stdout, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-c", LIMIT_CHECK, str(limit)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "limit ok" in result.stdout, result.stdout + result.stderr

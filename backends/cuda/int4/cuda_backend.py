@@ -18,7 +18,8 @@ from unittest import mock
 
 import torch
 
-from et_int4.backends.cuda.int4 import aoti
+from ....runtime import aoti
+from . import op  # noqa: F401  (registers the op that the shim map names)
 
 __all__ = ["et_int4_in_cuda_backend"]
 
@@ -107,7 +108,6 @@ def et_int4_in_cuda_backend() -> Iterator[None]:
     import torch._inductor.config as inductor_config
     from executorch.backends.cuda.cuda_backend import CudaBackend
 
-    import et_int4  # noqa: F401  (registers the op that the shim map names)
 
     original_options = CudaBackend.__dict__["get_aoti_compile_options"]
     original_fallbacks = CudaBackend.__dict__["get_supported_fallback_kernels"]

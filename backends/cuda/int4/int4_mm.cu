@@ -84,7 +84,7 @@ __device__ __forceinline__ int permuted_position(int e) {
 }
 
 __global__ void __launch_bounds__(kQuantThreads)
-quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
+quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols, int xcols,
                      BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
                      unsigned* __restrict__ counters, int n_counters) {
   // x may come from the kernel before us, and our workspace may be the one it just freed.
@@ -98,8 +98,9 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int 
   if (item >= blocks * cols) return;
   const int64_t block = item / cols;
   const int col = static_cast<int>(item % cols);
-  if (col >= m) {  // padding columns contribute nothing: d = 0
+  if (col >= m) {  // padding columns contribute nothing: d = 0, q = 0
     if (lane == 0) meta[item] = BlockMeta{0.f, 0};
+    if (col < xcols) xq[(block * xcols + col) * kBlockK + lane] = 0;
     return;
   }
   const float v = __bfloat162float(x[col * k + block * kBlockK + lane]);
@@ -114,10 +115,11 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int 
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) meta[item] = BlockMeta{d, -sum};
-  xq[(block * m + col) * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
+  xq[(block * xcols + col) * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
 }
 
-// Weights are streamed once: keep them out of L1, which holds the re-read activations.
+// Weights, scales and zeros are streamed once: keep them out of L1, which holds the re-read
+// activations (measured 2-3% faster than caching the scales and zeros there).
 __device__ __forceinline__ uint4 load_stream_16(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -125,16 +127,28 @@ __device__ __forceinline__ uint4 load_stream_16(const uint4* p) {
   return v;
 }
 
+__device__ __forceinline__ uint2 load_stream_8(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_stream_4(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
 struct GemmParams {
   const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
   const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
-  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows
-  const BlockMeta* meta;  // [blocks][cols]
-  const int8_t* xq;       // [blocks][m][32]
+  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows; or [tiles][8 quads]
+  const BlockMeta* meta;  // [blocks][Cols::kMeta]
+  const int8_t* xq;       // [blocks][Cols::kStored][32]
   __nv_bfloat16* out;     // [m][n]
   float* partial;         // [splits][tiles][kAcc * 32], when splits > 1
   unsigned* counters;     // [tiles], zeroed by quantize_activations
-  int m, cols, n, tiles, blocks, groups;
+  int m, n, tiles, blocks, groups;
   int group_shift;        // log2(blocks per group), or -1 when that is not a power of two
   int blocks_per_group;
   int splits, split_blocks;
@@ -146,8 +160,9 @@ __device__ __forceinline__ int group_of(const GemmParams& p, int block) {
 
 // What a warp loads ahead for kStageBlocks blocks of its tile: each lane's 16 bytes of nibbles per
 // block, and the scales and zeros of its four rows once per run of kGroupBlocks blocks (a run never
-// spans two groups). Blocks past the end of the warp's share load the last block again (their
-// activation scale is then zeroed): no branch keeps the loads from being issued together.
+// spans two groups; zeros only where they vary by group). Blocks past the end of the warp's share
+// load the last block again (their activation scale is then zeroed): no branch keeps the loads from
+// being issued together.
 template <int kGroupBlocks>
 struct Stage {
   static constexpr int kRuns = kStageBlocks / kGroupBlocks;
@@ -156,19 +171,49 @@ struct Stage {
   uint32_t z[kRuns];
 };
 
-template <int kGroupBlocks>
-__device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const uint4* wq,
+// Where a warp's stage starts in its tile's weights: pointers that advance by a fixed stride, so that
+// a whole stage loads at immediate offsets from them. With exact groups (a run of kGroupBlocks blocks
+// is one whole group) the stage's scales and zeros are consecutive too; otherwise each run finds its
+// group from the block.
+struct WeightCursor {
+  const uint4* q;      // this lane's 16 bytes of the stage's first block
+  const uint2* s;      // exact groups: this quad's scales of the stage's first group
+  const uint32_t* z;   // ... and zeros
+};
+
+// Loads the stage `ahead` strides past the cursor's; valid = blocks of it inside the warp's share
+// (only the last stage has fewer than kStageBlocks: it loads its last block again in their place,
+// no branch keeps the loads of a stage from being issued together).
+template <int kGroupBlocks, bool kExactGroups, bool kRowZeros, int kAhead>
+__device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const WeightCursor& c,
                                                           const uint2* ws, const uint32_t* wz,
-                                                          int first, int end) {
+                                                          int first, int valid) {
+  constexpr int kRuns = Stage<kGroupBlocks>::kRuns;
+  constexpr int kStride = kWarps * kStageBlocks;
+  constexpr int kGroupStride = kStride / kGroupBlocks * 8;
+  const uint4* q = c.q + kAhead * kStride * 32;
   Stage<kGroupBlocks> st;
+  // block(j): the block loaded in slot j; a whole stage's are compile-time offsets.
+  auto fill = [&](auto block) {
 #pragma unroll
-  for (int j = 0; j < kStageBlocks; ++j)
-    st.w[j] = load_stream_16(wq + static_cast<int64_t>(min(first + j, end - 1)) * 32);
+    for (int j = 0; j < kStageBlocks; ++j) st.w[j] = load_stream_16(q + block(j) * 32);
 #pragma unroll
-  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
-    const int group = group_of(p, min(first + r * kGroupBlocks, end - 1));
-    st.s[r] = __ldg(ws + group * 8);
-    st.z[r] = __ldg(wz + group * 8);
+    for (int r = 0; r < kRuns; ++r) {
+      if constexpr (kExactGroups) {
+        const int run = block(r * kGroupBlocks) / kGroupBlocks;
+        st.s[r] = load_stream_8(c.s + kAhead * kGroupStride + run * 8);
+        if constexpr (!kRowZeros) st.z[r] = load_stream_4(c.z + kAhead * kGroupStride + run * 8);
+      } else {
+        const int group = group_of(p, first + kAhead * kStride + block(r * kGroupBlocks));
+        st.s[r] = load_stream_8(ws + group * 8);
+        if constexpr (!kRowZeros) st.z[r] = load_stream_4(wz + group * 8);
+      }
+    }
+  };
+  if (valid >= kStageBlocks) {
+    fill([](int j) { return j; });
+  } else {
+    fill([valid](int j) { return min(j, valid - 1); });
   }
   return st;
 }
@@ -180,6 +225,10 @@ struct Cols {
   static constexpr int kTiles = kCols > kColTile ? 2 : 1;
   static constexpr int kPerTile = kCols == 1 ? 1 : 2;
   static constexpr int kAcc = 2 * 2 * kTiles * kPerTile;  // m16 halves x row halves x columns
+  // Columns per block in the quantized activations (m = 1 keeps one; the rest are zero padding) and
+  // in their (d, -sum) (lanes t = 1..3 of an m = 1 call read columns 2, 4, 6: d = 0 there).
+  static constexpr int kStored = kCols;
+  static constexpr int kMeta = kCols == 1 ? kColTile : kCols;
   using Meta = std::conditional_t<kPerTile == 2, uint4, uint2>;  // (d, -sum) of the lane's columns
 };
 
@@ -191,20 +240,26 @@ struct Acts {
   typename Cols<kCols>::Meta meta[kStageBlocks][Cols<kCols>::kTiles];
 };
 
+// The stage's activations start at x (this lane's B fragment of the first block, per column tile)
+// and mt ((d, -sum) of its columns); blocks are kStored * 32 bytes and kMeta entries apart.
 template <int kCols>
-__device__ __forceinline__ Acts<kCols> load_acts(const GemmParams& p,
-                                                 const int8_t* const (&xb)[Cols<kCols>::kTiles],
-                                                 const BlockMeta* mt, int first, int end) {
-  using Meta = typename Cols<kCols>::Meta;
+__device__ __forceinline__ Acts<kCols> load_acts(const int8_t* const (&x)[Cols<kCols>::kTiles],
+                                                 const BlockMeta* mt, int valid) {
+  using C = Cols<kCols>;
   Acts<kCols> a;
+  auto fill = [&](auto block) {
 #pragma unroll
-  for (int j = 0; j < kStageBlocks; ++j) {
-    const int64_t block = min(first + j, end - 1);
+    for (int j = 0; j < kStageBlocks; ++j)
 #pragma unroll
-    for (int ct = 0; ct < Cols<kCols>::kTiles; ++ct) {
-      a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(xb[ct] + block * p.m * kBlockK));
-      a.meta[j][ct] = __ldg(reinterpret_cast<const Meta*>(mt + block * p.cols + ct * kColTile));
-    }
+      for (int ct = 0; ct < C::kTiles; ++ct) {
+        a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(x[ct] + block(j) * C::kStored * kBlockK));
+        a.meta[j][ct] = __ldg(reinterpret_cast<const typename C::Meta*>(mt + block(j) * C::kMeta + ct * kColTile));
+      }
+  };
+  if (valid >= kStageBlocks) {
+    fill([](int j) { return j; });
+  } else {
+    fill([valid](int j) { return min(j, valid - 1); });
   }
   return a;
 }
@@ -240,14 +295,14 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 
 template <int kCols, int kGroupBlocks>
 __device__ __forceinline__ void accumulate_stage(
-    const Stage<kGroupBlocks>& st, const Acts<kCols>& a, int valid,
+    const Stage<kGroupBlocks>& st, const uint32_t (&zeros)[Stage<kGroupBlocks>::kRuns], const Acts<kCols>& a, int valid,
     float (&acc)[2][2][Cols<kCols>::kTiles][Cols<kCols>::kPerTile]) {
   constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
 #pragma unroll
   for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
     int zero[2][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(st.z[r], i);
+    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros[r], i);
     float run[2][2][CT][E];
 #pragma unroll
     for (int jj = 0; jj < kGroupBlocks; ++jj) {
@@ -299,7 +354,7 @@ __device__ __forceinline__ void slot_position(int tile, int slot, int lane, int&
   col = ct * kColTile + 2 * (lane % 4) + e;
 }
 
-template <int kCols, int kGroupBlocks>
+template <int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
 __global__ void __launch_bounds__(kWarps * 32, kCols > kColTile ? kCtasPerSm / 2 : kCtasPerSm)
 w4a8_gemm(const GemmParams p) {
   using C = Cols<kCols>;
@@ -313,33 +368,56 @@ w4a8_gemm(const GemmParams p) {
   const int tile = blockIdx.x % p.tiles, split = blockIdx.x / p.tiles;
   const int begin = split * p.split_blocks, end = min(begin + p.split_blocks, p.blocks);
 
-  const uint4* wq = p.qdata + static_cast<int64_t>(tile) * p.blocks * 32 + lane;
+  int first = begin + warp * kStageBlocks;
   const uint2* ws = p.scale + static_cast<int64_t>(tile) * p.groups * 8 + g;
-  const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * p.groups * 8 + g;
-  // Columns past m read row m - 1: their d is 0 and an mma output column depends only on its own B
-  // column.
-  const int8_t* xb[CT];
+  const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * (kRowZeros ? 1 : p.groups) * 8 + g;
+  // One zero point per row (a symmetric quantization): loaded once, not per group.
+  uint32_t row_zeros[Stage<kGroupBlocks>::kRuns];
 #pragma unroll
-  for (int ct = 0; ct < CT; ++ct) xb[ct] = p.xq + min(ct * kColTile + g, p.m - 1) * kBlockK + 8 * t;
-  const BlockMeta* mt = p.meta + 2 * t;
+  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) row_zeros[r] = kRowZeros ? load_stream_4(wz) : 0u;
+  const int first_group = kExactGroups ? first / kGroupBlocks : 0;
+  WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
+                 wz + first_group * 8};
+  // m = 1 stores one column, which every lane reads; otherwise lane g reads column g of each tile
+  // (padding columns are zeros, and their d is 0).
+  const int8_t* x[CT];
+#pragma unroll
+  for (int ct = 0; ct < CT; ++ct)
+    x[ct] = p.xq + (static_cast<int64_t>(first) * C::kStored + (kCols == 1 ? 0 : ct * kColTile + g)) * kBlockK + 8 * t;
+  const BlockMeta* mt = p.meta + static_cast<int64_t>(first) * C::kMeta + 2 * t;
 
   float acc[2][2][CT][E] = {};
   constexpr int kStride = kWarps * kStageBlocks;
-  int first = begin + warp * kStageBlocks;
-  Stage<kGroupBlocks> next;
-  if (kPrefetch && first < end) next = load_stage<kGroupBlocks>(p, wq, ws, wz, first, end);
+  // One stage: compute `cur` (loaded by the step before, or now without prefetch) while the next
+  // stage's weights load into `nxt`. Two steps per trip swap the stages' roles: no register copies.
+  auto step = [&](Stage<kGroupBlocks>& cur, Stage<kGroupBlocks>& nxt) {
+    const int valid = end - first;
+    if constexpr (kPrefetch) {
+      if (valid > kStride)
+        nxt = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
+    } else {
+      cur = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
+    }
+    accumulate_stage<kCols, kGroupBlocks>(cur, kRowZeros ? row_zeros : cur.z, load_acts<kCols>(x, mt, valid),
+                                          valid, acc);
+    first += kStride;
+    c.q += kStride * 32;
+    c.s += kStride / kGroupBlocks * 8;
+    c.z += kStride / kGroupBlocks * 8;
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct) x[ct] += kStride * C::kStored * kBlockK;
+    mt += kStride * C::kMeta;
+  };
+  Stage<kGroupBlocks> even, odd;
+  if (kPrefetch && first < end)
+    even = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();
-  for (; first < end; first += kStride) {
-    Stage<kGroupBlocks> st;
-    if constexpr (kPrefetch) {
-      st = next;
-      if (first + kStride < end) next = load_stage<kGroupBlocks>(p, wq, ws, wz, first + kStride, end);
-    } else {
-      st = load_stage<kGroupBlocks>(p, wq, ws, wz, first, end);
-    }
-    accumulate_stage<kCols, kGroupBlocks>(st, load_acts<kCols>(p, xb, mt, first, end), end - first, acc);
+  while (first < end) {
+    step(even, odd);
+    if (first >= end) break;
+    step(odd, even);
   }
 
   // Reduce the warps' shares; thread i then owns slot i / 32 of lane i % 32.
@@ -409,7 +487,7 @@ struct Plan {
 Plan make_plan(int64_t m, int64_t n, int64_t k) {
   Plan pl{};
   pl.cols = cols_for(m);
-  pl.meta_cols = pl.cols == 1 ? kColTile : pl.cols;  // lanes t = 1..3 of an m = 1 call read these
+  pl.meta_cols = pl.cols == 1 ? Cols<1>::kMeta : pl.cols;
   pl.acc = pl.cols == 1 ? 4 : pl.cols == kColTile ? 8 : 16;
   pl.tiles = n / kTileRows;
   pl.blocks = k / kBlockK;
@@ -429,7 +507,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
   pl.meta_bytes = align16(pl.blocks * pl.meta_cols * static_cast<int64_t>(sizeof(BlockMeta)));
-  pl.xq_bytes = align16(pl.blocks * m * kBlockK);
+  pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);
   pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * pl.acc * 32 * 4 : 0;
   pl.counter_bytes = pl.splits > 1 ? align16(pl.tiles * 4) : 0;
   return pl;
@@ -459,18 +537,27 @@ cudaError_t launch_chained(void (*kernel)(Params...), int64_t grid, int block, c
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-template <int kCols, int kGroupBlocks>
+template <int kCols, int kGroupBlocks, bool kRowZeros>
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream, bool pdl) {
-  return launch_chained(w4a8_gemm<kCols, kGroupBlocks>, static_cast<int64_t>(p.tiles) * p.splits,
-                        kWarps * 32, stream, pdl, p);
+  const int64_t grid = static_cast<int64_t>(p.tiles) * p.splits;
+  return p.blocks_per_group == kGroupBlocks
+             ? launch_chained(w4a8_gemm<kCols, kGroupBlocks, true, kRowZeros>, grid, kWarps * 32, stream, pdl, p)
+             : launch_chained(w4a8_gemm<kCols, kGroupBlocks, false, kRowZeros>, grid, kWarps * 32, stream, pdl, p);
+}
+
+template <int kCols, int kGroupBlocks>
+cudaError_t dispatch_zeros(const GemmParams& p, bool row_zeros, cudaStream_t stream, bool pdl) {
+  return row_zeros ? launch_gemm<kCols, kGroupBlocks, true>(p, stream, pdl)
+                   : launch_gemm<kCols, kGroupBlocks, false>(p, stream, pdl);
 }
 
 template <int kCols>
-cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, cudaStream_t stream, bool pdl) {
+cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zeros, cudaStream_t stream, bool pdl) {
   if constexpr (kStageBlocks % 4 == 0) {
-    if (group_blocks == 4) return launch_gemm<kCols, 4>(p, stream, pdl);
+    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, row_zeros, stream, pdl);
   }
-  return group_blocks == 2 ? launch_gemm<kCols, 2>(p, stream, pdl) : launch_gemm<kCols, 1>(p, stream, pdl);
+  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, row_zeros, stream, pdl)
+                           : dispatch_zeros<kCols, 1>(p, row_zeros, stream, pdl);
 }
 
 bool device_supports_pdl() {
@@ -499,7 +586,7 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   const int64_t quant_threads = pl.blocks * pl.meta_cols * 32;
   cudaError_t err = launch_chained(quantize_activations, ceil_div(quant_threads, kQuantThreads),
                                    kQuantThreads, stream, pdl, static_cast<const __nv_bfloat16*>(a.x),
-                                   static_cast<int>(a.m), a.k, pl.meta_cols, meta, xq, counters,
+                                   static_cast<int>(a.m), a.k, pl.meta_cols, pl.cols, meta, xq, counters,
                                    static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   if (err != cudaSuccess) return cudaGetErrorString(err);
 
@@ -511,18 +598,18 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
                      static_cast<const uint2*>(a.scale),
                      reinterpret_cast<const uint32_t*>(a.zero),
                      meta, xq, static_cast<__nv_bfloat16*>(a.out), partial, counters,
-                     static_cast<int>(a.m), pl.meta_cols, static_cast<int>(a.n),
+                     static_cast<int>(a.m), static_cast<int>(a.n),
                      static_cast<int>(pl.tiles), static_cast<int>(pl.blocks),
                      static_cast<int>(a.k / a.group_size), group_shift,
                      static_cast<int>(group_blocks), static_cast<int>(pl.splits),
                      static_cast<int>(pl.split_blocks)};
   const int run = run_blocks(a.group_size);
   switch (pl.cols) {
-    case 1: err = dispatch_groups<1>(p, run, stream, pdl); break;
+    case 1: err = dispatch_groups<1>(p, run, a.row_zeros, stream, pdl); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
-    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, stream, pdl); break;
+    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, stream, pdl); break;
 #endif
-    default: err = dispatch_groups<kColTile>(p, run, stream, pdl); break;
+    default: err = dispatch_groups<kColTile>(p, run, a.row_zeros, stream, pdl); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from et_int4 import runtime
-
-from .aoti import QUALIFIED_OP_NAME
+from .... import runtime
+from ....runtime.aoti import QUALIFIED_OP_NAME
 from .packing import weight_shape
 from .reference import check_w4a8_args, w4a8_reference
 

@@ -9,8 +9,12 @@ of ``TILE_ROWS`` = 32 and k in blocks of ``ACTIVATION_BLOCK`` = 32. For each til
 ``l = 4g + t`` of a warp loads 16 bytes: the 32-bit words (8 nibbles, k = 8t .. 8t+7 of the block)
 of rows g, g+8, g+16 and g+24, which are exactly its mma A fragments: no shuffle at run time.
 Scales and zero points follow per tile and group: rows g, g+8, g+16, g+24 at positions 4g .. 4g+3.
+Where every row has one zero point for all its groups (a symmetric quantization, torchao's default:
+8 everywhere), zero holds just that one, tiled as a single group: the kernels then load it once
+instead of once per group (about a tenth of their time at group size 32).
 
-    qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16     zero: as scale, int8
+    qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16
+    zero  [N/32, K/group_size * 32] int8 (per group), or [N/32, 32] (one per row)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "TILE_BLOCK_BYTES",
     "TILE_ROWS",
     "PackedInt4",
+    "check_group_size",
     "pack_int4",
     "pack_torchao_weight",
     "tile_weights",
@@ -34,9 +39,8 @@ __all__ = [
 
 INT4_MIN, INT4_MAX = -8, 7
 _OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
-# The kernels quantize activations in blocks of 32 and need whole blocks per weight group.
+# The kernels quantize activations in blocks of 32 (C++: kBlockK) and need whole blocks per group.
 ACTIVATION_BLOCK = 32
-GROUP_MULTIPLE = ACTIVATION_BLOCK
 TILE_ROWS = 32  # weight rows per tile: N must be a multiple
 _WORDS = 4  # the 32-bit words a lane loads per tile and block
 _QUADS = TILE_ROWS // _WORDS  # g: lanes 4g .. 4g+3 share rows g, g+8, g+16, g+24
@@ -50,7 +54,8 @@ class PackedInt4:
     Attributes:
         qdata: uint8 [N/32, 16*K], u = q + 8, tiled (see the module docstring).
         scale: bfloat16 [N/32, 32*K/group_size], tiled.
-        zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled.
+        zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled; or [N/32, 32] where
+            each row has one zero point for all its groups.
         group_size: columns per scale/zero group, a multiple of 32 that divides K.
     """
 
@@ -68,6 +73,19 @@ class PackedInt4:
 def weight_shape(qdata: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a tiled qdata."""
     return qdata.shape[0] * TILE_ROWS, qdata.shape[1] // TILE_BLOCK_BYTES * ACTIVATION_BLOCK
+
+
+def check_group_size(group_size: object, k: int) -> None:
+    """The group-size rule, for every Python caller: a multiple of ``ACTIVATION_BLOCK`` that divides K.
+
+    Raises ValueError that starts with ``group_size``; callers add where the value came from.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < ACTIVATION_BLOCK \
+            or group_size % ACTIVATION_BLOCK or k % group_size:
+        raise ValueError(
+            f"group_size must be a multiple of {ACTIVATION_BLOCK} (the kernels' activation block) that "
+            f"divides K={k}, got {group_size!r}"
+        )
 
 
 def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
@@ -106,12 +124,13 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             f"zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero_point.shape)}"
         )
     group_size = k // scale.shape[1]
-    if group_size % GROUP_MULTIPLE:
+    try:
+        check_group_size(group_size, k)
+    except ValueError as error:
         raise ValueError(
-            f"group_size must be a multiple of {GROUP_MULTIPLE} (the kernels' activation block), "
-            f"got {group_size} (K={k}, {scale.shape[1]} groups per row); quantize with "
-            f"PerGroup({GROUP_MULTIPLE}) or another multiple of {GROUP_MULTIPLE}"
-        )
+            f"{error} ({scale.shape[1]} groups per row); quantize with PerGroup({ACTIVATION_BLOCK}) or "
+            f"another multiple of {ACTIVATION_BLOCK}"
+        ) from None
     if n % TILE_ROWS:
         raise ValueError(
             f"the kernels take weights in tiles of {TILE_ROWS} output rows, got N={n} rows; pad the "
@@ -122,19 +141,23 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     _check_range("zero_point", zero_point, INT4_MIN, INT4_MAX)
     u = (qdata.to(torch.int16) + _OFFSET).to(torch.uint8)
     rows = u[:, 0::2] | (u[:, 1::2] << 4)
+    if bool((zero_point == zero_point[:, :1]).all()):
+        zero_point = zero_point[:, :1]  # one per row: the kernels read it once, not per group
     tiled = tile_weights(rows, scale, zero_point + _OFFSET)
     return PackedInt4(*tiled, group_size=group_size)
 
 
 def tile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-major nibbles uint8 [N, K/2] (low nibble = even k), scale and zero [N, G] -> tiled layout."""
+    """Row-major nibbles uint8 [N, K/2] (low nibble = even k), scale [N, G] and zero [N, G] (or
+    [N, 1], one per row) -> tiled layout."""
     n, half_k = qdata.shape
-    if n % TILE_ROWS or (2 * half_k) % ACTIVATION_BLOCK or scale.shape != zero.shape or scale.shape[0] != n:
+    if (n % TILE_ROWS or (2 * half_k) % ACTIVATION_BLOCK or scale.shape[0] != n or zero.shape[0] != n
+            or zero.shape[1] not in (scale.shape[1], 1)):
         raise ValueError(
             f"tile_weights takes qdata [N, K/2] with N a multiple of {TILE_ROWS} and K of "
-            f"{ACTIVATION_BLOCK}, and scale and zero [N, K/group_size]; got qdata {tuple(qdata.shape)}, "
-            f"scale {tuple(scale.shape)}, zero {tuple(zero.shape)}"
+            f"{ACTIVATION_BLOCK}, scale [N, K/group_size] and zero of scale's shape or [N, 1]; got qdata "
+            f"{tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}"
         )
     tiles, blocks = n // TILE_ROWS, 2 * half_k // ACTIVATION_BLOCK
     # words[row, 4b + t] with row = 32T + 8i + g  ->  [T][b][g][t][i]
@@ -156,7 +179,8 @@ def _untile_groups(t: torch.Tensor) -> torch.Tensor:
 
 def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale and zero [N, G]."""
+    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale [N, G] and zero
+    [N, G] (or [N, 1] where it was given one per row)."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
     # Flattened first: a contiguous [1, L] tensor may have any stride on its size-1 dimension.
@@ -175,7 +199,7 @@ def unpack_nibbles(qdata: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact inverse of :func:`pack_int4`: ``(qdata int8 [N, K], scale, zero_point int8)``."""
     rows, scale, zero = untile_weights(packed.qdata, packed.scale, packed.zero)
-    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, zero - _OFFSET
+    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, (zero - _OFFSET).expand_as(scale).contiguous()
 
 
 def pack_torchao_weight(weight: torch.Tensor) -> PackedInt4:

@@ -16,8 +16,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .limits import DispatchLimitError, check_matvec_max_m
-from .packing import (ACTIVATION_BLOCK, GROUP_MULTIPLE, TILE_BLOCK_BYTES, TILE_ROWS, unpack_nibbles,
-                      untile_weights)
+from .packing import ACTIVATION_BLOCK, TILE_BLOCK_BYTES, TILE_ROWS, check_group_size, unpack_nibbles, untile_weights
 
 __all__ = ["check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
 
@@ -42,14 +41,16 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     _expect(scale.dtype == torch.bfloat16, "scale", "bfloat16", scale.dtype)
     _expect(zero.dtype == torch.int8, "zero", "int8", zero.dtype)
     for arg, t, shape in (("self", x, "[M, K]"), ("qdata", qdata, "[N/32, 16*K]"),
-                          ("scale", scale, "[N/32, 32*K/group_size]"), ("zero", zero, "[N/32, 32*K/group_size]")):
+                          ("scale", scale, "[N/32, 32*K/group_size]"),
+                          ("zero", zero, "[N/32, 32*K/group_size] or [N/32, 32]")):
         _expect(t.dim() == 2, arg, f"2-D {shape}", f"shape {tuple(t.shape)}")
     m, k = x.shape
     _expect(not statically_known_true(k < ACTIVATION_BLOCK), "self", f"[M, K] with K >= {ACTIVATION_BLOCK}",
             f"K={k}")
-    _expect(isinstance(group_size, int) and group_size > 0 and group_size % GROUP_MULTIPLE == 0,
-            "group_size", f"a positive multiple of {GROUP_MULTIPLE}", group_size)
-    _expect(k % group_size == 0, "group_size", f"a divisor of K={k}", group_size)
+    try:
+        check_group_size(group_size, k)
+    except ValueError as error:
+        raise ValueError(f"et_int4_plain_mm: {error}") from None
     if qdata.shape[1] == k // 2:
         raise ValueError(
             f"et_int4_plain_mm: qdata has shape {tuple(qdata.shape)}, the row-major [N, K/2] layout of "
@@ -63,8 +64,9 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     groups = (tiles, k // group_size * TILE_ROWS)
     _expect(tuple(scale.shape) == groups, "scale", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "
             f"{list(groups)} (tiled)", f"shape {tuple(scale.shape)}")
-    _expect(tuple(zero.shape) == groups, "zero", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "
-            f"{list(groups)} (tiled)", f"shape {tuple(zero.shape)}")
+    _expect(tuple(zero.shape) in (groups, (tiles, TILE_ROWS)), "zero",
+            f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = {list(groups)} (tiled, one zero point per group) or "
+            f"[N/{TILE_ROWS}, {TILE_ROWS}] = {[tiles, TILE_ROWS]} (one per row)", f"shape {tuple(zero.shape)}")
     if max_m is None:
         return
     try:
@@ -105,6 +107,7 @@ def w4a8_reference(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     qdata, scale, zero = untile_weights(qdata, scale, zero)
     n = qdata.shape[0]
     blocks, groups = k // ACTIVATION_BLOCK, k // group_size
+    zero = zero.expand(n, groups)  # one zero point per row applies to every group
     q, d = quantize_activation_blocks(x2d)
     qf = q.float().reshape(m, blocks, ACTIVATION_BLOCK)
     q_sum = qf.sum(dim=-1)                                  # [M, B], exact

@@ -27,7 +27,8 @@ extern "C" {
 //   qdata [N/32, 16*K]               uint8 (int8 accepted): u = q + 8 nibbles in the tiled layout of
 //                                    backends/cuda/int4/int4_mm.h (N a multiple of 32)
 //   scale [N/32, 32*K/group_size]    bfloat16, tiled likewise
-//   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise
+//   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise;
+//         or [N/32, 32]              one zero point per row for all its groups, tiled as one group
 //   group_size                       a multiple of 32 that divides K
 //   max_m                            MATVEC_MAX_M at export time: M <= max_m <= et_int4_shim_gemm_max_m()
 //   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller; M = 0

@@ -5,6 +5,7 @@ Also the runner's command line and report (runtime/eagle_runner.py)."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from et_int4.runtime.eagle_runner import EagleRun, ReportError, parse_reports
+from et_int4.runtime.runner import runner_env
+from runner_programs import requires_runner
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILER = shutil.which("c++") or shutil.which("g++")
+RUNNER_ENV = "ET_INT4_EAGLE_RUNNER"
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +175,49 @@ def test_reports_parse_with_log_lines_between_and_refuse_a_truncated_one():
         parse_reports("== prompt 0 run 0: 1 tokens\ntokens: 1\n")
     with pytest.raises(ReportError, match="no '== prompt' report"):
         parse_reports("error: something\n")
+
+
+@requires_runner(RUNNER_ENV, "eagle_runner", "eagle_runner")
+def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
+    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the report) on CPU:
+    the tiny EAGLE program lowered to ExecuTorch's portable ops, without int4 weights. Such a program
+    keeps a KV cache per method, so this checks the plumbing, not the numbers: speculative and greedy
+    decoding still agree, and forced drafts are accepted as forced."""
+    import torch
+    from et_int4.export.export_eagle import ExportOptions, example_inputs
+    from et_int4.export.models import MethodModule, build_model
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64)
+    model = build_model(options.model_args)
+    with torch.no_grad():
+        programs = {name: torch.export.export(MethodModule(model, name), inputs, dynamic_shapes=dynamic)
+                    for name, (inputs, dynamic) in example_inputs(options).items()}
+    constants = {"get_chain_len": options.chain_len, "get_max_seq_len": options.model_args.max_seq_len,
+                 "get_min_prefill_len": options.min_prefill_len}
+    program = to_edge_transform_and_lower(programs, compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                          constant_methods=constants).to_executorch(
+        ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+    pte = tmp_path / "eagle_portable.pte"
+    pte.write_bytes(program.buffer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5 6 7\n1 2 3 4 5 6 7 8 9 10 11\n")
+
+    def reports(max_new_tokens, **kwargs):
+        flags = EagleRun(pte, prompts_file=prompts, max_new_tokens=max_new_tokens, **kwargs).flags()
+        result = subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return parse_reports(result.stdout)
+
+    greedy = reports(24, mode="greedy")
+    reference = tmp_path / "reference.txt"
+    reference.write_text("".join(" ".join(map(str, r.tokens)) + "\n" for r in greedy))
+    assert [len(r.tokens) for r in greedy] == [24, 24]
+    for report in reports(20):
+        assert report.tokens == greedy[report.prompt].tokens[:20]
+        assert report.draft.calls == options.chain_len * report.verify.calls
+    for report in reports(20, forced_accept=[0, 3, 1, 2], reference_file=reference):
+        assert report.tokens == greedy[report.prompt].tokens[:20]
+        assert report.histogram == {0: 2, 1: 2, 2: 2, 3: 2}  # 1 + 1 + 4 + 2 + 3 + 1 + 4 + 2 + 3 >= 20

@@ -18,7 +18,6 @@ measured, and modeled from the per-call medians: (a + 1) * decode / (chain_len *
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import random
@@ -42,18 +41,8 @@ def export(args) -> int:
     from et_int4.export.export_eagle import ExportOptions, constant_methods, export_eagle, lower_to_executorch
     from et_int4.export.models import MethodModule
 
-    @dataclasses.dataclass(frozen=True)
-    class FewLayers(ExportOptions):
-        layers: int = 4
-
-        @property
-        def model_args(self):
-            # EAGLE-3's taps of a deep model (low, middle, high), within the layers kept.
-            return dataclasses.replace(super().model_args, n_layers=self.layers,
-                                       eagle_layers=(1, self.layers // 2, self.layers - 1))
-
-    opts = FewLayers(config="llama3-8b", chain_len=args.chain_len, matvec_max_m=args.chain_len + 1,
-                     max_seq_len=args.max_seq_len, layers=args.layers)
+    opts = ExportOptions(config="llama3-8b", chain_len=args.chain_len, matvec_max_m=args.chain_len + 1,
+                         max_seq_len=args.max_seq_len, n_layers=args.layers)
     eagle = export_eagle(opts)
     with torch.no_grad():
         decode = torch.export.export(MethodModule(eagle.model, "target_verify"),

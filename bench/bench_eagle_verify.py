@@ -22,7 +22,7 @@ import et_int4
 import torch
 from bench_int4_mm import median_us
 from et_int4.export.export_eagle import lower_to_executorch
-from et_int4.export.models import CONFIGS, MethodModule, build_model, quantize_int4
+from et_int4.export.models import CONFIGS, MethodModule, build_model, quantize_int4, with_layers
 from torch.export.passes import move_to_device_pass
 
 PTE_NAME = "verify_decode.pte"
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
                              "verify of DIR/verify_decode.pte, for bench/runner_latency.py")
     args = parser.parse_args(argv)
     verify = args.chain_len + 1
-    config = dataclasses.replace(CONFIGS["llama3-8b"], n_layers=args.layers, max_seq_len=256,
-                                 eagle_layers=(1, args.layers // 2, args.layers - 1))
+    config = dataclasses.replace(with_layers(CONFIGS["llama3-8b"], args.layers), max_seq_len=256)
     model = quantize_int4(build_model(config), group_size=32)
     print(f"{torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}; "
           f"target: {args.layers} layers of Llama 3 8B shapes + lm_head, int4 gs 32", flush=True)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,11 +40,12 @@ from ..backends.cuda.int4.limits import (
     DispatchLimitError,
     check_matvec_max_m,
     get_matvec_max_m,
+    rebuild_hint,
     shim_gemm_max_m,
 )
 from ..backends.cuda.int4.packing import check_group_size
 from ..passes.rewrite_int4 import explain_int4_linears, rewrite_int4_linears
-from .models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4
+from .models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
 
 METHODS = ("prefill", "target_verify", "draft_decode")
 PTE_NAME = "eagle.pte"
@@ -56,13 +59,17 @@ class ExportOptions:
     group_size: int = 32
     max_seq_len: int | None = None  # None: the config's
     seed: int = 0
+    n_layers: int | None = None  # None: the config's
+    rewrite: bool = True  # False: every int4 linear stays dequantize + linear (a baseline)
 
     @property
     def model_args(self) -> ModelArgs:
         args = CONFIGS[self.config]
-        if self.max_seq_len is None:
-            return args
-        return dataclasses.replace(args, max_seq_len=self.max_seq_len)
+        if self.n_layers is not None:
+            args = with_layers(args, self.n_layers)
+        if self.max_seq_len is not None:
+            args = dataclasses.replace(args, max_seq_len=self.max_seq_len)
+        return args
 
     @property
     def min_prefill_len(self) -> int:
@@ -124,16 +131,17 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
             exported[name] = torch.export.export(
                 MethodModule(model, name), inputs, dynamic_shapes=dynamic_shapes)
             done()
-    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm")
+    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm" if opts.rewrite
+                 else "Leaving every int4 linear as dequantize + linear (no rewrite)")
     summary = []
     for name, ep in exported.items():
         decisions = explain_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
         summary.append(MethodSummary(
             name,
-            routed=tuple(d.name for d in decisions if d.routed),
-            kept=tuple(d.name for d in decisions if not d.routed),
+            routed=tuple(d.name for d in decisions if d.routed and opts.rewrite),
+            kept=tuple(d.name for d in decisions if not (d.routed and opts.rewrite)),
         ))
-        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
+        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m) if opts.rewrite else ep
     done()
     return EagleExport(model, exported, programs, summary)
 
@@ -182,15 +190,41 @@ def lower_to_executorch(programs: dict[str, ExportedProgram], constants: dict, o
         do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
     ))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pte = output_dir / pte_name
-    with open(pte, "wb") as f:
-        program.write_to_file(f)
-    # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
-    program.write_tensor_data_to_file(str(output_dir))
+    files = write_program(program, output_dir, pte_name)
     done()
-    return [pte, *(output_dir / (tag if tag.endswith(".ptd") else f"{tag}.ptd")
-                   for tag in program._tensor_data)]
+    return files
+
+
+def write_program(program, output_dir: Path, pte_name: str = PTE_NAME) -> list[Path]:
+    """Write an ExecutorchProgramManager's .pte (as ``pte_name``) and .ptd files into ``output_dir``,
+    all or none.
+
+    Each file is written under a temporary name (in a staging folder inside ``output_dir``, so on the
+    same file system) and renamed into place only once all are written: a failure on the way leaves
+    an earlier export's pair as it was, never a new .pte beside an old .ptd. Returns the .pte first.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{pte_name}.", dir=output_dir) as staging:
+        staged = Path(staging)
+        with open(staged / pte_name, "wb") as f:
+            program.write_to_file(f)
+        # The CUDA backend keeps the weights in named data, one .ptd per tag: aoti_cuda_blob.ptd.
+        program.write_tensor_data_to_file(staging)
+        data = sorted(f.name for f in staged.iterdir() if f.name != pte_name)
+        for name in [*data, pte_name]:  # the .pte last: a runner loads it first
+            os.replace(staged / name, output_dir / name)
+    return [output_dir / name for name in (pte_name, *data)]
+
+
+def check_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    """Create ``output_dir`` and write a file in it now, not after minutes of lowering."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        parser.error(f"--output-dir {output_dir} cannot be written ({error.strerror or error}); "
+                     f"choose a folder you can write to")
 
 
 def print_summary(summary: list[MethodSummary]) -> None:
@@ -222,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where eagle.pte and its .ptd go (default: out/)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random weights (default 0)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help="decoder layers of the target (default: the config's); fewer make a "
+                             "quicker export of the same layer shapes")
+    parser.add_argument("--no-rewrite", action="store_true",
+                        help="leave every int4 linear as dequantize + linear: the baseline without "
+                             "et_int4_plain_mm")
     parser.add_argument("--dry-run", action="store_true",
                         help="stop after routing and the summary; needs no GPU")
     return parser
@@ -243,18 +283,20 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
     except DispatchLimitError as error:
         parser.error(f"--matvec-max-m {limit}: {error}")
     if verify_len > limit:
-        fix = (f"raise --matvec-max-m to {verify_len}" if verify_len <= shim_limit else
-               f"rebuild with ET_INT4_SHIM_GEMM_MAX_M={verify_len}")
+        fix = (f", or raise --matvec-max-m to {verify_len}" if verify_len <= shim_limit else
+               rebuild_hint(verify_len))
         parser.error(f"--chain-len {ns.chain_len} needs --matvec-max-m >= {verify_len} "
-                     f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1} "
-                     f"or {fix}")
+                     f"(target_verify runs chain_len + 1 tokens); use --chain-len <= {limit - 1}{fix}")
     args = CONFIGS[ns.config]
     for name, k in {"dim": args.dim, "ffn_dim": args.ffn_dim}.items():
         try:
             check_group_size(ns.group_size, k)
         except ValueError as error:
             parser.error(f"--group-size {ns.group_size}: {error} ({name} of --config {ns.config})")
-    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed)
+    if ns.n_layers is not None and ns.n_layers < 2:
+        parser.error(f"--n-layers {ns.n_layers} must be at least 2 (EAGLE-3 taps layers 1 .. n - 1)")
+    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
+                         ns.n_layers, not ns.no_rewrite)
     max_seq_len = opts.model_args.max_seq_len
     if max_seq_len <= opts.min_prefill_len:
         parser.error(f"--max-seq-len {max_seq_len} leaves no range for prefill, which starts at "
@@ -266,6 +308,8 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
 def main(argv=None) -> int:
     parser = build_parser()
     opts, ns = parse_options(parser, argv)
+    if not ns.dry_run:
+        check_output_dir(parser, ns.output_dir)
     export = export_eagle(opts)
     print_summary(export.summary)
     if ns.dry_run:

@@ -8,6 +8,7 @@ token embedding is shared by target and draft, as in EAGLE-3.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,14 @@ CONFIGS = {
         max_seq_len=2048, eagle_layers=(2, 16, 29),
     ),
 }
+
+
+def with_layers(args: ModelArgs, n_layers: int) -> ModelArgs:
+    """``args`` with ``n_layers`` decoder layers (a quicker model of the same layer shapes), EAGLE-3's
+    taps at its first, middle and last layer."""
+    if n_layers < 2:
+        raise ValueError(f"n_layers must be at least 2 (EAGLE-3 taps layers 1..n_layers-1), got {n_layers}")
+    return dataclasses.replace(args, n_layers=n_layers, eagle_layers=(1, n_layers // 2, n_layers - 1))
 
 
 class RMSNorm(nn.Module):

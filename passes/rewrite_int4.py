@@ -217,7 +217,10 @@ def _match(ep: ExportedProgram, linear: fx.Node) -> tuple[_Int4Linear | None, st
 
 
 def _copy_program(ep: ExportedProgram) -> ExportedProgram:
-    program = copy.deepcopy(ep)
+    """A copy of the graph and its signature that shares every weight, buffer and constant with
+    ``ep``: the rewrite adds packed tensors, it never needs a second copy of the model."""
+    shared = [*ep.state_dict.values(), *ep.constants.values()]
+    program = copy.deepcopy(ep, memo={id(t): t for t in shared})
     # Copying the graph renames placeholders that shadow builtins (``input`` -> ``input_1``),
     # which would no longer match the graph signature.
     for original, copied in zip(_placeholders(ep.graph), _placeholders(program.graph)):

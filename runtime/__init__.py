@@ -25,6 +25,7 @@ __all__ = [
     "load",
     "plain_mm",
     "shim_gemm_max_m",
+    "shim_gemm_max_m_bound",
 ]
 
 LIBRARY_ENV = "ET_INT4_LIBRARY"
@@ -33,7 +34,7 @@ _HANDLE = ctypes.c_void_p
 
 
 class ShimError(RuntimeError):
-    """A call into libet_int4 returned an error; the message is the shim's own."""
+    """libet_int4 could not be loaded, or a call into it returned an error (the shim's own message)."""
 
 
 def library_path() -> Path | None:
@@ -43,9 +44,10 @@ def library_path() -> Path | None:
     """
     override = os.environ.get(LIBRARY_ENV)
     if override:
-        path = Path(override)
+        # Absolute: dlopen would look a bare name up on the library path, not in the working folder.
+        path = Path(override).absolute()
         if not path.is_file():
-            raise FileNotFoundError(f"${LIBRARY_ENV} names {override}, which is not a file")
+            raise ShimError(_override_error(override, "no such file"))
         return path
     # A wheel installs the library next to this file; an editable install keeps this file in the
     # source tree and the library under site-packages, so look through every package location.
@@ -54,6 +56,12 @@ def library_path() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _override_error(override: str, reason: str) -> str:
+    return (f"${LIBRARY_ENV}={override} does not load ({reason}): it must be the path of a built "
+            f"{_LIBRARY_NAME} (e.g. build/<wheel tag>/{_LIBRARY_NAME} after `pip install "
+            f"--no-build-isolation -e .`); fix the path, or unset {LIBRARY_ENV} to use the installed one")
 
 
 @functools.cache
@@ -83,12 +91,20 @@ def load() -> ctypes.CDLL:
             f"or point ${LIBRARY_ENV} at a built library"
         )
     _libtorch()
-    lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
-    for device in ("cpu", "cuda"):
-        fn = getattr(lib, c_shim_name(device))
+    try:
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
+        entries = [getattr(lib, c_shim_name(device)) for device in ("cpu", "cuda")]
+        limits = (lib.et_int4_shim_gemm_max_m, lib.et_int4_shim_gemm_max_m_bound)
+    except (OSError, AttributeError) as error:  # not a library, or another library than ours
+        override = os.environ.get(LIBRARY_ENV)
+        raise ShimError(_override_error(override, str(error)) if override else
+                        f"{path} does not load ({error}); reinstall et-int4 with "
+                        f"`pip install --no-build-isolation .`") from None
+    for fn in entries:
         fn.argtypes = _ENTRY_ARGTYPES
         fn.restype = ctypes.c_int32
-    lib.et_int4_shim_gemm_max_m.restype = ctypes.c_int64
+    for fn in limits:
+        fn.restype = ctypes.c_int64
     lib.et_int4_last_error.restype = ctypes.c_char_p
     return lib
 
@@ -97,6 +113,12 @@ def load() -> ctypes.CDLL:
 def shim_gemm_max_m() -> int:
     """``SHIM_GEMM_MAX_M`` of the library :func:`load` opens (set by CMake when it was built)."""
     return int(load().et_int4_shim_gemm_max_m())
+
+
+@functools.cache
+def shim_gemm_max_m_bound() -> int:
+    """The largest ``SHIM_GEMM_MAX_M`` that any build accepts (CMakeLists.txt; CMake refuses more)."""
+    return int(load().et_int4_shim_gemm_max_m_bound())
 
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer

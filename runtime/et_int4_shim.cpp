@@ -9,8 +9,11 @@
 #include "backends/cuda/int4/int4_mm.h"
 #include "runtime/cpu_reference.h"
 
-#ifndef ET_INT4_SHIM_GEMM_MAX_M
-#error "ET_INT4_SHIM_GEMM_MAX_M comes from CMake"
+#if !defined(ET_INT4_SHIM_GEMM_MAX_M) || !defined(ET_INT4_SHIM_GEMM_MAX_M_BOUND)
+#error "ET_INT4_SHIM_GEMM_MAX_M and ET_INT4_SHIM_GEMM_MAX_M_BOUND come from CMake"
+#endif
+#if ET_INT4_SHIM_GEMM_MAX_M < 1 || ET_INT4_SHIM_GEMM_MAX_M > ET_INT4_SHIM_GEMM_MAX_M_BOUND
+#error "ET_INT4_SHIM_GEMM_MAX_M must lie in 1..ET_INT4_SHIM_GEMM_MAX_M_BOUND"
 #endif
 
 namespace {
@@ -27,6 +30,12 @@ AOTITorchError fail(const std::string& what) {
   last_error = "et_int4_plain_mm: " + what;
   std::fprintf(stderr, "%s\n", last_error.c_str());
   return kFailure;
+}
+
+// Every successful call clears the thread's last error.
+AOTITorchError succeed() {
+  last_error.clear();
+  return kOk;
 }
 
 std::string shape_str(const int64_t* sizes, int64_t dim) {
@@ -128,13 +137,19 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
   p.m = p.x.sizes[0];
   p.k = p.x.sizes[1];
   if (max_m < 1 || max_m > ET_INT4_SHIM_GEMM_MAX_M) {
+    // Suggest a rebuild only where one would serve max_m: CMake refuses limits above the bound.
+    const std::string fix =
+        max_m < 1 ? "; export with MATVEC_MAX_M >= 1"
+        : max_m > ET_INT4_SHIM_GEMM_MAX_M_BOUND
+            ? "; export with a lower MATVEC_MAX_M (no build handles more than " +
+                  std::to_string(ET_INT4_SHIM_GEMM_MAX_M_BOUND) + " rows)"
+            : "; export with a lower MATVEC_MAX_M or rebuild with -DET_INT4_SHIM_GEMM_MAX_M=" +
+                  std::to_string(max_m);
     return fail("max_m: expected 1 <= max_m <= SHIM_GEMM_MAX_M = " +
-                std::to_string(ET_INT4_SHIM_GEMM_MAX_M) + ", got " + std::to_string(max_m) +
-                "; export with a lower MATVEC_MAX_M or rebuild with -DET_INT4_SHIM_GEMM_MAX_M=" +
-                std::to_string(max_m));
+                std::to_string(ET_INT4_SHIM_GEMM_MAX_M) + ", got " + std::to_string(max_m) + fix);
   }
-  if (p.m < 1 || p.m > max_m) {
-    return fail("self: expected 1 <= M <= max_m = " + std::to_string(max_m) + " rows, got M = " +
+  if (p.m > max_m) {
+    return fail("self: expected M <= max_m = " + std::to_string(max_m) + " rows, got M = " +
                 std::to_string(p.m));
   }
   if (p.k < et_int4::kBlockK) {
@@ -204,11 +219,11 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
   const int32_t cpu = aoti_torch_device_type_cpu();
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cpu, "cpu", p)) return e;
   if (AOTITorchError e = new_output(p, cpu, ret0)) return e;
+  if (p.m == 0) return succeed();
   et_int4::cpu::plain_mm(static_cast<const uint16_t*>(p.x.data), static_cast<const uint8_t*>(p.qdata.data),
                          static_cast<const uint16_t*>(p.scale.data), static_cast<const int8_t*>(p.zero.data),
                          static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size, p.row_zeros);
-  last_error.clear();
-  return kOk;
+  return succeed();
 }
 
 ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
@@ -221,6 +236,8 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   Problem p;
   const int32_t cuda = aoti_torch_device_type_cuda();
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cuda, "cuda", p)) return e;
+  // No rows: an empty [0, N] output and no launch (a grid of zero CTAs is a launch error).
+  if (p.m == 0) return new_output(p, cuda, ret0) ? kFailure : succeed();
   if (!aoti_torch_create_cuda_guard || !aoti_torch_delete_cuda_guard ||
       !aoti_torch_get_current_cuda_stream) {
     return fail("the host process has no CUDA runtime (its aoti_torch_* CUDA functions are missing); "
@@ -262,12 +279,13 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   // Freed in stream order by the host's allocator, so the kernels may still be reading it.
   if (workspace != nullptr) aoti_torch_delete_tensor_object(workspace);
   aoti_torch_delete_cuda_guard(guard);
-  if (result == kOk) last_error.clear();
-  return result;
+  return result == kOk ? succeed() : result;
 #endif
 }
 
 ET_INT4_API int64_t et_int4_shim_gemm_max_m(void) { return ET_INT4_SHIM_GEMM_MAX_M; }
+
+ET_INT4_API int64_t et_int4_shim_gemm_max_m_bound(void) { return ET_INT4_SHIM_GEMM_MAX_M_BOUND; }
 
 ET_INT4_API const char* et_int4_last_error(void) { return last_error.c_str(); }
 

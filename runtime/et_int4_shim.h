@@ -27,10 +27,12 @@ extern "C" {
 //   qdata [N/32, 16*K]               uint8 (int8 accepted): u = q + 8 nibbles in the tiled layout of
 //                                    backends/cuda/int4/int4_mm.h (N a multiple of 32)
 //   scale [N/32, 32*K/group_size]    bfloat16, tiled likewise
-//   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise
+//   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise;
+//         or [N/32, 32]              one zero point per row for all its groups, tiled as one group
 //   group_size                       a multiple of 32 that divides K
-//   max_m                            MATVEC_MAX_M at export time: 1 <= M <= max_m <= et_int4_shim_gemm_max_m()
-//   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller
+//   max_m                            MATVEC_MAX_M at export time: M <= max_m <= et_int4_shim_gemm_max_m()
+//   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller; M = 0
+//                                    gives an empty [0, N] tensor and launches nothing
 // Returns 0 on success. On bad input (a qdata of the old row-major [N, K/2] layout included) nothing
 // runs, the result is non-zero, and one line saying what was expected and what came is printed to
 // stderr and kept for et_int4_last_error().
@@ -45,6 +47,10 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
 
 // SHIM_GEMM_MAX_M, the largest M this library handles: CMake's ET_INT4_SHIM_GEMM_MAX_M when it was built.
 ET_INT4_API int64_t et_int4_shim_gemm_max_m(void);
+
+// The largest SHIM_GEMM_MAX_M any build accepts (CMake refuses more): limit messages suggest no
+// rebuild above it.
+ET_INT4_API int64_t et_int4_shim_gemm_max_m_bound(void);
 
 // The message of the calling thread's last failed call, or "" if it has none.
 ET_INT4_API const char* et_int4_last_error(void);

@@ -21,6 +21,20 @@ class MLP(nn.Module):
         return self.down_proj(torch.relu(self.up_proj(x)))
 
 
+class Chunked(nn.Module):
+    """Each half of ``h.chunk(2, -1)`` feeds a linear: both are strided views of h (row stride 2K)."""
+
+    def __init__(self, k: int = 64, n: int = 32) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(k, 2 * k, bias=False)
+        self.left = nn.Linear(k, n, bias=False)
+        self.right = nn.Linear(k, n, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.up_proj(x).chunk(2, -1)
+        return self.left(a) + self.right(b)
+
+
 class Tied(nn.Module):
     """Two linears sharing one weight, each with its own activation (and so its own M)."""
 

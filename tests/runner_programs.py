@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from et_int4.export import export_eagle as cli
-from et_int4.export.export_eagle import EagleExport, ExportOptions
+from et_int4.export.export_eagle import ExportOptions
 
 
 def requires_runner(env: str, runner: str, binary: str):
@@ -19,11 +20,13 @@ def requires_runner(env: str, runner: str, binary: str):
 
 
 def lowered_program(options: ExportOptions, workdir_env: str,
-                    tmp_path_factory) -> tuple[EagleExport, Path, Path]:
-    """The rewritten programs, and the .pte + .ptd lowered from them (kept in ``$workdir_env`` when
-    set, e.g. to time them afterwards)."""
+                    tmp_path_factory) -> tuple[dict[str, torch.nn.Module], Path, Path]:
+    """The rewritten programs as eager modules (method -> module), and the .pte + .ptd lowered from
+    them (kept in ``$workdir_env`` when set, e.g. to time them afterwards)."""
     export = cli.export_eagle(options)
+    # The eager modules first: lowering changes the programs it is given (their lifted buffers).
+    modules = {method: program.module() for method, program in export.programs.items()}
     workdir = os.environ.get(workdir_env)
     pte, ptd = cli.lower_to_executorch(export.programs, cli.constant_methods(options),
                                        Path(workdir) if workdir else tmp_path_factory.mktemp("eagle"))
-    return export, pte, ptd
+    return modules, pte, ptd

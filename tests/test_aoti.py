@@ -9,7 +9,7 @@ import pytest
 import torch
 from et_int4 import runtime
 from et_int4.runtime.aoti import c_shim_name, custom_ops_to_c_shims
-from models import MLP, quantized
+from models import MLP, Chunked, quantized
 
 pytestmark = pytest.mark.skipif(runtime.library_path() is None, reason="libet_int4 is not built")
 
@@ -43,3 +43,20 @@ def test_aoti_program_calls_the_shim_and_matches_eager(device, tmp_path):
         got = compiled(x)
         assert got.shape == expected.shape
         torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.slow
+def test_aoti_program_feeds_the_shim_contiguous_rows_of_a_chunk(device, tmp_path):
+    # Both halves of h.chunk(2, -1) are views with row stride 2K; the shim reads dense rows only.
+    model = quantized(Chunked(k=128, n=64), asymmetric=True).to(device)
+    example = torch.randn(2, 3, 128, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        program = et_int4.rewrite_int4_linears(torch.export.export(model, (example,)), matvec_max_m=8)
+    assert sum(n.target == torch.ops.et_int4.et_int4_plain_mm.default for n in program.graph.nodes) == 3
+    compiled, sources = compile_and_load(program, device, tmp_path)
+    assert c_shim_name(device) in sources
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16, device=device)
+    expected = program.module()(x)  # the eager op on the strided halves
+    torch.testing.assert_close(compiled(x).float(), expected.float(), rtol=2**-7,
+                               atol=1e-3 * expected.abs().max().item())

@@ -9,6 +9,7 @@ import math
 import et_int4
 import pytest
 import torch
+from et_int4 import runtime
 from models import mlp_program
 from torch.export import Dim
 
@@ -63,6 +64,17 @@ def test_too_large_names_the_rebuild() -> None:
     n = et_int4.SHIM_GEMM_MAX_M + 1
     with pytest.raises(et_int4.DispatchLimitError, match=f"ET_INT4_SHIM_GEMM_MAX_M={n}"):
         et_int4.matvec_max_m(n)
+
+
+def test_beyond_any_build_names_no_rebuild() -> None:
+    # CMake refuses ET_INT4_SHIM_GEMM_MAX_M above the bound: no message may suggest such a build.
+    bound = runtime.shim_gemm_max_m_bound()
+    with pytest.raises(et_int4.DispatchLimitError, match=f"no build handles more than {bound} rows") as info:
+        et_int4.matvec_max_m(bound + 1)
+    assert "rebuild" not in str(info.value)
+    for n in range(et_int4.SHIM_GEMM_MAX_M + 1, bound + 1):
+        with pytest.raises(et_int4.DispatchLimitError, match=f"rebuild with `ET_INT4_SHIM_GEMM_MAX_M={n} "):
+            et_int4.matvec_max_m(n)
 
 
 def test_dispatch_limit_error_is_value_error() -> None:

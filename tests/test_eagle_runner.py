@@ -81,8 +81,7 @@ def test_greedy_decoding_follows_the_target(program, prompts, greedy):
     """The runner's greedy tokens are the target's argmax, checked with the rewritten programs run
     eagerly on CPU over the same tokens (teacher forcing): the KV cache that prefill writes is the
     one target_verify reads."""
-    export = program[0]
-    prefill, verify = export.programs["prefill"].module(), export.programs["target_verify"].module()
+    prefill, verify = program[0]["prefill"], program[0]["target_verify"]
     window = OPTIONS.chain_len + 1
     agree = total = 0
     for prompt, generated in zip(prompts[0], greedy[0]):

@@ -12,6 +12,7 @@ from pathlib import Path
 import et_int4
 import pytest
 import torch
+from et_int4 import runtime
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
 from numerics import rel_error
@@ -82,7 +83,8 @@ def test_dry_run(exported, monkeypatch, capsys):
     assert "target_verify" in out and "Dry run" in out
 
 
-def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys):
+def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default --output-dir out/ is made before the export
     monkeypatch.setattr(cli, "export_eagle", lambda opts: exported if opts == OPTIONS else None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(ARGV) != 0
@@ -102,6 +104,7 @@ def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys):
     (["--chain-len", "7", "--matvec-max-m", "4"], "--chain-len 7 needs --matvec-max-m >= 8"),
     (["--group-size", "48"], "--group-size 48: group_size must be a multiple of 32"),
     (["--max-seq-len", "9", "--matvec-max-m", "8"], "--max-seq-len 9 leaves no range for prefill"),
+    (["--n-layers", "1"], "--n-layers 1 must be at least 2"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
     if et_int4.SHIM_GEMM_MAX_M >= 16 and "16" in argv:
@@ -116,6 +119,61 @@ def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_unwritable_output_dir_fails_before_any_work(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: pytest.fail("exported into an unwritable folder"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*ARGV, "--output-dir", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"--output-dir {blocker / 'out'} cannot be written" in capsys.readouterr().err
+
+
+def _program_with_a_ptd(n: int):
+    """A real ExecuTorch program whose weights go to a .ptd (made on CPU); its .pte differs with n."""
+    from executorch.exir import ExecutorchBackendConfig, to_edge
+
+    ep = torch.export.export(torch.nn.Linear(8, n), (torch.randn(2, 8),))
+    return to_edge(ep).to_executorch(ExecutorchBackendConfig(external_constants=True))
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_outputs_are_replaced_as_a_pair_or_not_at_all(monkeypatch, tmp_path):
+    first = cli.write_program(_program_with_a_ptd(4), tmp_path)
+    assert [f.name for f in first] == [cli.PTE_NAME, "_default_external_constant.ptd"]
+    old = _contents(tmp_path)
+    assert old.keys() == {f.name for f in first}
+    newer = _program_with_a_ptd(6)
+
+    def fail_after_the_pte(program, outdir):
+        raise OSError("injected: no space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(newer), "write_tensor_data_to_file", fail_after_the_pte)
+        with pytest.raises(OSError, match="injected"):
+            cli.write_program(newer, tmp_path)
+    assert _contents(tmp_path) == old  # the old pair, nothing half-written beside it
+    cli.write_program(newer, tmp_path)
+    new = _contents(tmp_path)
+    assert new.keys() == old.keys() and all(new[name] != old[name] for name in new)
+
+
+BOUND = runtime.shim_gemm_max_m_bound()  # the largest SHIM_GEMM_MAX_M CMake accepts
+
+
+@pytest.mark.parametrize("argv", [["--matvec-max-m", str(BOUND + 1)], ["--chain-len", str(BOUND)],
+                                  ["--chain-len", str(BOUND), "--matvec-max-m", "4"]])
+def test_no_message_suggests_a_build_cmake_refuses(argv, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "export_eagle", lambda opts: pytest.fail("ran despite bad arguments"))
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "rebuild" not in err and f"no build handles more than {BOUND} rows" in err, err
 
 
 @pytest.mark.parametrize("run", [
@@ -135,6 +193,21 @@ def test_default_limit_routes_the_verify_window():
     opts, _ = cli.parse_options(cli.build_parser(), ["--chain-len", "5"])
     assert opts.matvec_max_m == max(et_int4.get_matvec_max_m(), 6)
     assert opts.min_prefill_len == opts.matvec_max_m + 1
+
+
+def test_fewer_layers_keep_the_config_shapes():
+    opts, _ = cli.parse_options(cli.build_parser(), ["--config", "llama3-8b", "--n-layers", "4"])
+    args = opts.model_args
+    assert (args.n_layers, args.eagle_layers, args.dim, args.ffn_dim) == (4, (1, 2, 3), 4096, 14336)
+
+
+def test_no_rewrite_leaves_every_linear_as_exported(capsys):
+    opts, _ = cli.parse_options(cli.build_parser(), [*ARGV, "--n-layers", "2", "--no-rewrite"])
+    export = export_eagle(opts)
+    assert all(export.programs[name] is export.exported[name] for name in METHODS)
+    assert all(not s.routed for s in export.summary)
+    assert len(next(s for s in export.summary if s.name == "target_verify").kept) == 2 * 7 + 1
+    assert "no rewrite" in capsys.readouterr().out
 
 
 # -- numerics --------------------------------------------------------------------------------------

@@ -103,6 +103,24 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+def test_no_rows_give_an_empty_output_and_launch_nothing():
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x, qdata, scale, zero = random_operands(0, 96, 256, 32, generator=gen, device="cuda")
+    for out in (run_op(x, qdata, scale, zero, 32), runtime.plain_mm(x, qdata, scale, zero, 32, 4)):
+        assert (out.dtype, tuple(out.shape), out.device.type) == (torch.bfloat16, (0, 96), "cuda")
+    torch.cuda.synchronize()
+
+
+def test_strided_activation_rows():
+    # Each half of h.chunk(2, -1) (row stride 2K), as a model feeds it to a linear.
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x, qdata, scale, zero = random_operands(5, 128, 512, 64, generator=gen, device="cuda")
+    h = torch.cat((x, x.flip(-1)), dim=-1)
+    for half in h.chunk(2, -1):
+        assert not half.is_contiguous()
+        assert_matches_reference(run_op(half, qdata, scale, zero, 64), half.contiguous(), qdata, scale, zero, 64)
+
+
 def test_all_zero_activation_block_and_int8_qdata():
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen, device="cuda")
@@ -189,3 +207,58 @@ def test_compute_sanitizer_is_clean(tool):
     assert result.returncode == 0 and "sanitizer case done" in report, report
     summary = {"memcheck": "ERROR SUMMARY: 0 errors", "racecheck": "RACECHECK SUMMARY: 0 hazards"}[tool]
     assert summary in report, report
+
+
+# -- the largest shapes validation admits: N and K below 2^31, element indices past 2^31 -------------
+
+def _random_tiled(tiles: int, k: int, group_size: int):
+    """Random weights straight in the tiled layout (any bytes are valid): qdata, scale, zero."""
+    gen = torch.Generator(device="cuda").manual_seed(tiles + k)
+    groups = k // group_size * 32
+    qdata = torch.randint(0, 256, (tiles, 16 * k), dtype=torch.uint8, device="cuda", generator=gen)
+    scale = (torch.rand(tiles, groups, device="cuda", generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (tiles, groups), dtype=torch.int8, device="cuda", generator=gen)
+    return qdata, scale, zero
+
+
+@pytest.mark.slow
+def test_activation_indices_past_2_to_the_31():
+    # M * K = 3 * 2^30 elements (6 GiB of activations): the last row's last blocks lie past 2^31.
+    m, k, edge = 8, 3 * 2**27, 64
+    qdata, scale, zero = _random_tiled(1, k, 32)
+    x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x[0, :edge] = torch.randn(edge, device="cuda", generator=gen)
+    x[m - 1, -edge:] = torch.randn(edge, device="cuda", generator=gen)
+    x[3, :edge] = x[3, -edge:] = torch.randn(edge, device="cuda", generator=gen)
+    out = run_op(x, qdata, scale, zero, 32)
+    # All-zero blocks add exactly 0: the result is that of the first and last blocks alone.
+    record, group = edge // 32 * 512, edge // 32 * 32
+    ends = (torch.cat((x[:, :edge], x[:, -edge:]), 1), torch.cat((qdata[:, :record], qdata[:, -record:]), 1),
+            torch.cat((scale[:, :group], scale[:, -group:]), 1), torch.cat((zero[:, :group], zero[:, -group:]), 1))
+    del x, qdata
+    assert_matches_reference(out, *ends, 32)
+    assert out[1].abs().max() == 0
+
+
+@pytest.mark.slow
+def test_output_indices_past_2_to_the_31():
+    # M * N = 8 * (2^28 + 2^26) outputs: the last row's last columns lie past 2^31.
+    m, n, k = 8, 2**28 + 2**26, 32
+    qdata, scale, zero = _random_tiled(n // 32, k, 32)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = run_op(x, qdata, scale, zero, 32)
+    for rows in (slice(0, 2), slice(n // 32 - 2, n // 32)):
+        assert_matches_reference(out[:, rows.start * 32:rows.stop * 32], x, qdata[rows], scale[rows], zero[rows], 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n, k", [(32, 2**31), (2**31, 32)], ids=["k-2^31", "n-2^31"])
+def test_n_or_k_of_2_to_the_31_is_refused(n, k):
+    # The kernels index N and K in 32 bits: validation refuses them before any launch (36-38 GiB here).
+    x = torch.empty(1, k, dtype=torch.bfloat16, device="cuda")
+    qdata = torch.empty(n // 32, 16 * k, dtype=torch.uint8, device="cuda")
+    scale = torch.ones(n // 32, 32, dtype=torch.bfloat16, device="cuda")
+    zero = torch.zeros(n // 32, 32, dtype=torch.int8, device="cuda")
+    with pytest.raises(runtime.ShimError, match=f"expected N and K below 2\\^31, got N = {n}, K = {k}"):
+        run_op(x, qdata, scale, zero, k)

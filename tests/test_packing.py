@@ -130,6 +130,15 @@ def test_int8_view_unpacks_the_same() -> None:
     assert all(torch.equal(a, b) for a, b in zip(unpack_int4(as_int8), unpack_int4(packed)))
 
 
+def test_one_tile_with_any_stride_on_its_size_1_dimension_unpacks_the_same() -> None:
+    # A [1, L] tensor is contiguous whatever its first stride, e.g. a transposed [L, 1] one.
+    packed = pack_int4(*_weights(32, 128, 64, asymmetric=True))
+    odd = packed.qdata.flatten()[:, None].clone().t()
+    assert odd.is_contiguous() and odd.stride() == (1, 1)
+    as_odd = dataclasses.replace(packed, qdata=odd)
+    assert all(torch.equal(a, b) for a, b in zip(unpack_int4(as_odd), unpack_int4(packed)))
+
+
 def test_zero_points_per_row_are_stored_once_and_read_back_per_group() -> None:
     qdata, scale, _ = _weights(64, 256, 32, asymmetric=False)
     zero_point = torch.randint(-8, 8, (64, 1), dtype=torch.int8).expand(64, 8).contiguous()

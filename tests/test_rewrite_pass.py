@@ -90,6 +90,36 @@ def test_original_is_unchanged() -> None:
     assert set(ep.state_dict) == keys and not ep.constants
 
 
+class _KeptAndBuffered(nn.Module):
+    """A routed linear with a bias, an unrouted one (M = 16 rows), a buffer and a tensor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routed = nn.Linear(64, 32)
+        self.kept = nn.Linear(64, 32, bias=False)
+        self.register_buffer("offset", torch.zeros(32, dtype=torch.bfloat16))
+        self.lifted = torch.ones(32, dtype=torch.bfloat16)  # a plain attribute: a lifted constant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.routed(a) + self.offset, self.kept(b) * self.lifted
+
+
+def test_tensors_not_replaced_are_shared_not_copied() -> None:
+    # A copy of every weight would hold two copies of a model in memory while it is exported.
+    model = quantized(_KeptAndBuffered())
+    ep = export(model, torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16))
+    assert ep.constants, "the model should have a lifted tensor constant"
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert _targets(rewritten).count(OP) == 1
+    assert set(rewritten.state_dict) == {"routed.bias", "kept.weight", "offset"}
+    for key, tensor in rewritten.state_dict.items():
+        assert tensor is ep.state_dict[key], key
+    kept_constants = ep.constants.keys() & rewritten.constants.keys()
+    assert kept_constants == ep.constants.keys()
+    for key in kept_constants:
+        assert rewritten.constants[key] is ep.constants[key], key
+
+
 def test_placeholder_named_input() -> None:
     """nn.Sequential names its argument ``input``, which copying a graph renames."""
     model = quantized(nn.Sequential(nn.Linear(64, 32)))
@@ -111,6 +141,21 @@ def test_dynamic_m_runs_at_each_size() -> None:
         x = torch.randn(*shape, 64, dtype=torch.bfloat16)
         h = torch.relu(_linear(x, model.up_proj.weight))
         expected = _linear(h, model.down_proj.weight, model.down_proj.bias)
+        assert torch.equal(rewritten.module()(x), expected)
+
+
+def test_dynamic_m_from_zero_gives_empty_results() -> None:
+    model = quantized(MLP())
+    ep = export(model, torch.randn(1, 3, 64, dtype=torch.bfloat16),
+                dynamic_shapes=({1: Dim("T", min=0, max=4)},))
+    rewritten = et_int4.rewrite_int4_linears(ep)
+    assert [(d.m_min, d.m_max, d.routed) for d in et_int4.explain_int4_linears(ep)] == [(0, 4, True)] * 2
+    with torch.no_grad():
+        y = rewritten.module()(torch.randn(1, 0, 64, dtype=torch.bfloat16))
+        assert y.shape == ep.module()(torch.randn(1, 0, 64, dtype=torch.bfloat16)).shape == (1, 0, 32)
+        x = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+        expected = _linear(torch.relu(_linear(x, model.up_proj.weight)), model.down_proj.weight,
+                           model.down_proj.bias)
         assert torch.equal(rewritten.module()(x), expected)
 
 

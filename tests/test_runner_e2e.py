@@ -41,12 +41,13 @@ class Tolerance:
     argmax: float  # least fraction of positions whose logits' argmax agrees
 
 
-# Measured on an H100 (ExecuTorch 1.4.1, 2026-11-26): target_verify 8.4e-3, draft_decode
-# bit-exact, prefill 3.9e-3; AOTI's fusions around the op differ from eager PyTorch's.
+# Measured on an H100 (ExecuTorch 1.4.1, 2026-11-26): target_verify 8.4e-3, prefill 3.9e-3,
+# draft_decode up to 6.7e-3 (bit-exact only before the tiled kernel, whose fp32 summation order is
+# not the CPU reference's); AOTI's fusions around the op differ from eager PyTorch's too.
 TOLERANCES = {
     "prefill": Tolerance(2e-2, 0.9),
     "target_verify": Tolerance(3e-2, 0.9),
-    "draft_decode": Tolerance(5e-3, 1.0),
+    "draft_decode": Tolerance(2e-2, 1.0),
 }
 
 
@@ -63,6 +64,7 @@ def _inputs(method: str) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """The rewritten programs as eager modules, and the .pte + .ptd lowered from them."""
     return lowered_program(OPTIONS, WORKDIR_ENV, tmp_path_factory)
 
 
@@ -107,7 +109,7 @@ def test_runner_matches_the_rewritten_program(exported, method, way, tmp_path):
     result, outputs = run_method(runner, exported, method, inputs, tmp_path, preload)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    program = exported[0].programs[method].module()
+    program = exported[0][method]
     for name, buf in program.named_buffers():
         if name.endswith(("k_cache", "v_cache")):
             buf.zero_()  # each runner process starts from the exported (zero) caches too

@@ -64,7 +64,34 @@ def test_library_exports_the_abi():
                         capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines()}
     assert {"aoti_torch_cuda_et_int4_plain_mm", "aoti_torch_cpu_et_int4_plain_mm",
-            "et_int4_shim_gemm_max_m", "et_int4_last_error"} <= exported
+            "et_int4_shim_gemm_max_m", "et_int4_shim_gemm_max_m_bound", "et_int4_last_error"} <= exported
+
+
+LOAD_CHECK = "from et_int4 import runtime; runtime.load(); print('loaded', runtime.shim_gemm_max_m())"
+
+
+@requires_library
+@pytest.mark.parametrize("override", ["bare-name", "bare-name-elsewhere", "not-a-library", "another-library",
+                                      "missing"])
+def test_library_override_loads_or_says_what_it_expected(override, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    value = {"bare-name": "libet_int4.so", "bare-name-elsewhere": "libet_int4.so",
+             "not-a-library": str(tmp_path / "libet_int4.so"), "missing": str(tmp_path / "nowhere.so"),
+             "another-library": str(Path(torch.__file__).parent / "lib" / "libc10.so")}[override]
+    if override == "bare-name":  # a bare name is a path relative to the working folder
+        (cwd / "libet_int4.so").write_bytes(runtime.library_path().read_bytes())
+    if override == "not-a-library":
+        (tmp_path / "libet_int4.so").write_text("not an ELF file")
+    env = dict(os.environ, ET_INT4_LIBRARY=value)
+    result = subprocess.run([sys.executable, "-c", LOAD_CHECK], cwd=cwd, env=env, capture_output=True, text=True)
+    if override == "bare-name":
+        assert result.returncode == 0 and "loaded" in result.stdout, result.stderr
+        return
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "ShimError" in last, result.stderr
+    assert f"$ET_INT4_LIBRARY={value}" in last and "a built libet_int4.so" in last, last
+    assert "unset ET_INT4_LIBRARY" in last, last
 
 
 @requires_library
@@ -88,6 +115,36 @@ def test_cpu_entry_point_matches_python_reference(m, n, k, group_size, row_zeros
     code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
     assert code == 0, message
     assert_within_one_rounding(out, et_int4.w4a8_reference(*operands, group_size))
+
+
+@requires_library
+def test_no_rows_give_an_empty_output():
+    x, qdata, scale, zero = random_operands(0, 64, 128, 32, generator=torch.Generator().manual_seed(1))
+    code, out, message = call_abi("cpu", [x, qdata, scale, zero], 32, 4)
+    assert code == 0, message
+    assert (out.dtype, tuple(out.shape), out.device.type) == (torch.bfloat16, (0, 64), "cpu")
+
+
+@requires_library
+@pytest.mark.parametrize("max_m, rebuild", [(0, None), (et_int4.SHIM_GEMM_MAX_M + 1, et_int4.SHIM_GEMM_MAX_M + 1),
+                                            (runtime.shim_gemm_max_m_bound() + 1, None)])
+def test_max_m_messages_suggest_only_builds_cmake_accepts(max_m, rebuild):
+    code, _, message = call_abi("cpu", list(small_operands()), 32, max_m)
+    assert code != 0 and message.startswith("et_int4_plain_mm: max_m: expected"), message
+    if rebuild is not None and rebuild <= runtime.shim_gemm_max_m_bound():
+        assert f"rebuild with -DET_INT4_SHIM_GEMM_MAX_M={rebuild}" in message, message
+    else:
+        assert "rebuild" not in message, message
+
+
+@requires_library
+def test_cmake_refuses_a_limit_above_the_bound(tmp_path):
+    bound = runtime.shim_gemm_max_m_bound()
+    result = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path), f"-DET_INT4_SHIM_GEMM_MAX_M={bound + 1}",
+                             "-DET_INT4_WITH_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ET_INT4_SHIM_GEMM_MAX_M must be an integer in 1..{bound}, got '{bound + 1}'" in result.stderr
 
 
 @requires_library
@@ -117,11 +174,12 @@ def _old_qdata_case():
     return [x, untile_weights(qdata, scale, zero)[0], scale, zero], 32
 
 
-def _k_case(k, m=1):
+def _k_case(k, m=1, device="cpu"):
     def case():
         x = torch.randn(m, k, dtype=torch.bfloat16)
         qdata = torch.zeros(1, 16 * k, dtype=torch.uint8)
-        return [x, qdata, torch.ones(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.int8)], 32
+        tensors = [x, qdata, torch.ones(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.int8)]
+        return [t.to(device) for t in tensors], 32
     return case
 
 
@@ -141,6 +199,9 @@ _OLD_ABI = r"^et_int4_plain_mm: qdata: expected the tiled layout.*got shape \[32
     pytest.param(_k_case(0, m=2), _K0_PY, _K0_ABI, id="k-zero-m2"),
     pytest.param(_k_case(16, m=2), r"self must be \[M, K\] with K >= 32, got K=16",
                  r"^et_int4_plain_mm: self: expected K >= 32 .*got K = 16$", id="k-16"),
+    # The CUDA entry point refuses it before any launch, with the same message.
+    pytest.param(_k_case(0, device="cuda"), _K0_PY, _K0_ABI, id="k-zero-cuda", marks=pytest.mark.cuda),
+    pytest.param(_k_case(0, m=2, device="cuda"), _K0_PY, _K0_ABI, id="k-zero-m2-cuda", marks=pytest.mark.cuda),
 ])
 def test_python_check_and_c_abi_refuse_alike(case, python_pattern, abi_pattern):
     tensors, group_size = case()
@@ -205,6 +266,8 @@ def abi_calls(draw):
         elif change == "row_major":
             shape = list(row_major[name])  # et-int4 0.1's layout (self is as before)
         shape = [max(s, 0) for s in shape]
+        if name == "self" and change == "rows":
+            m = wanted["self"][0] = shape[0]  # another M, valid or not by the rule on M below
         if change == "layout" and len(shape) == 2:
             t = torch.randint(0, 16, shape[::-1]).to(dtype).t()
         else:
@@ -220,15 +283,15 @@ def abi_calls(draw):
         if change == "rows" and name != "self":
             # N is 32 * qdata's row (tile) count: a disagreement on it may be reported on any of the three.
             bad |= WEIGHTS
-        if change in ("rows", "cols") and name == "self":
-            # K (and M) come from self: a K that disagrees with the weights may be reported on the
-            # group size or on any weight.
+        if change == "cols" and name == "self":
+            # K comes from self: a K that disagrees with the weights may be reported on the group
+            # size or on any weight.
             bad |= {"group_size"} | WEIGHTS
         if name == "qdata" and t is not None and t.dim() == 2 and t.shape[1] == k // 2:
             old_qdata = True
     if not 1 <= max_m <= limit:
         bad.add("max_m")
-    if not 1 <= m <= max_m:
+    if m > max_m:
         bad |= {"self", "max_m"}
     if k < 32:
         bad.add("self")

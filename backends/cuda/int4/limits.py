@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-from ....runtime import shim_gemm_max_m
+from ....runtime import shim_gemm_max_m, shim_gemm_max_m_bound
 
 __all__ = [
     "DEFAULT_MATVEC_MAX_M",
@@ -27,12 +27,22 @@ __all__ = [
     "check_matvec_max_m",
     "get_matvec_max_m",
     "matvec_max_m",
+    "rebuild_hint",
     "resolve_matvec_max_m",
     "shim_gemm_max_m",
 ]
 
 # An export with a dynamic prefill that starts at M = 5 keeps its prefill untouched by default.
 DEFAULT_MATVEC_MAX_M: int = 4
+
+
+def rebuild_hint(n: int) -> str:
+    """A clause to append to a fix for ``n`` rows beyond the built library: the rebuild that serves
+    them, or, above what any build accepts, that none does (never a build CMake would refuse)."""
+    bound = shim_gemm_max_m_bound()
+    if n > bound:
+        return f" (no build handles more than {bound} rows)"
+    return f", or rebuild with `ET_INT4_SHIM_GEMM_MAX_M={n} pip install --no-build-isolation -e .`"
 
 
 class DispatchLimitError(ValueError):
@@ -60,8 +70,7 @@ def check_matvec_max_m(n: object) -> int:
     if n > limit:
         raise DispatchLimitError(
             f"MATVEC_MAX_M={n} exceeds SHIM_GEMM_MAX_M={limit}, the largest M the built "
-            f"libet_int4 handles: lower MATVEC_MAX_M to at most {limit}, or rebuild with "
-            f"`ET_INT4_SHIM_GEMM_MAX_M={n} pip install --no-build-isolation -e .`"
+            f"libet_int4 handles: lower MATVEC_MAX_M to at most {limit}{rebuild_hint(n)}"
         )
     return n
 

@@ -13,9 +13,13 @@ from .reference import check_w4a8_args, w4a8_reference
 
 __all__ = ["et_int4_plain_mm"]
 
+# The shim reads dense row-major operands. The tag makes Inductor (AOTI, ExecuTorch's CUDA backend)
+# pass them so, whatever graph calls the op: a strided activation such as one half of
+# h.chunk(2, -1) is copied first, and only where it is strided.
 torch.library.define(
     QUALIFIED_OP_NAME,
     "(Tensor self, Tensor qdata, Tensor scale, Tensor zero, int group_size, int max_m) -> Tensor",
+    tags=(torch.Tag.needs_contiguous_strides,),
 )
 
 
@@ -37,7 +41,9 @@ def _cpu(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.
 def _cuda(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           group_size: int, max_m: int) -> torch.Tensor:
     check_w4a8_args(x, qdata, scale, zero, group_size, max_m)
-    return runtime.plain_mm(x, qdata, scale, zero, group_size, max_m)
+    # Eager calls get no layout constraint from the tag: make them dense here (a no-op when they are).
+    return runtime.plain_mm(x.contiguous(), qdata.contiguous(), scale.contiguous(), zero.contiguous(),
+                            group_size, max_m)
 
 
 et_int4_plain_mm = torch.ops.et_int4.et_int4_plain_mm

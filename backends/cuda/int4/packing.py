@@ -183,7 +183,9 @@ def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     [N, G] (or [N, 1] where it was given one per row)."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
-    words = qdata.contiguous().view(torch.uint8).view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS, _WORDS)
+    # Flattened first: a contiguous [1, L] tensor may have any stride on its size-1 dimension.
+    words = qdata.contiguous().view(torch.uint8).flatten().view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS,
+                                                                                     _WORDS)
     rows = words.permute(0, 4, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, k // 2)
     return rows, _untile_groups(scale), _untile_groups(zero)
 

@@ -74,9 +74,10 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     except DispatchLimitError as error:
         raise DispatchLimitError(f"et_int4_plain_mm: max_m (MATVEC_MAX_M at export time): {error}") from None
     # A symbolic M is rejected only when it can never fit; the shim checks the actual M at run time.
-    if statically_known_true(m < 1) or statically_known_true(m > max_m):
+    # M = 0 (a dynamic row count at its minimum) gives an empty [0, N] result.
+    if statically_known_true(m > max_m):
         raise DispatchLimitError(
-            f"et_int4_plain_mm: self must have 1 <= M <= max_m={max_m} rows, got M={m}; "
+            f"et_int4_plain_mm: self must have M <= max_m={max_m} rows, got M={m}; "
             f"linears with more rows stay dequantize + linear (see rewrite_int4_linears)"
         )
 
@@ -120,6 +121,6 @@ def w4a8_reference(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         # Integers below 2**24 in magnitude: fp32 matmul gives the exact int32 block dots.
         dots = torch.bmm(u.transpose(0, 1), q_blocks).transpose(0, 1)          # [n, B, M]
         blk = (dots - z_blocks[start:stop, :, None] * q_sum.T) * d.T           # [n, B, M]
-        per_group = blk.reshape(stop - start, groups, -1, m).sum(dim=2)        # [n, G, M]
+        per_group = blk.reshape(stop - start, groups, blocks // groups, m).sum(dim=2)  # [n, G, M]
         out[start:stop] = (per_group * scale[start:stop, :, None].float()).sum(dim=1)
     return out.T.to(torch.bfloat16).contiguous()

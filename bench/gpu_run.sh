@@ -5,12 +5,14 @@
 # Usage: [ET_WHEELS=DIR] bench/gpu_run.sh OUT_DIR STEP...
 #   steps: build pytest tests sanitizer aoti export cli bench verify
 #          runner runner_latency runner_sanitizer runner_ratio
+#          eagle_runner eagle_llama_export eagle_llama_time
 # The bench step times ExecuTorch's kernels too when ET_INT4_EXECUTORCH_SRC names its checkout.
 # The runner steps use the executor_runner that tools/build_executor_runner.sh put in .runner/
 # (ET_INT4_RUNNER_DIR), which must come from the release of ET_WHEELS: ET_WHEELS=.whl-et1.4.1 with
 # a runner built from v1.4.1. `runner` (the end-to-end test) keeps the tiny EAGLE program in
 # out/runner-eagle (git-ignored, so it stays for later calls on the same machine), which
-# runner_latency and runner_sanitizer run.
+# runner_latency and runner_sanitizer run. `eagle_llama_export` keeps the Llama-shaped EAGLE program
+# (EAGLE_LAYERS target layers, default 4) in out/eagle-llama for `eagle_llama_time`.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -70,6 +72,14 @@ for step in "$@"; do
         python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label linked
         python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=decode,verify"
       ;;
+    eagle_runner)  # the EAGLE loop on the tiny program: speculative == greedy tokens
+      run eagle_runner env ET_INT4_EAGLE_RUNNER="$runners/eagle_runner" ET_INT4_EAGLE_WORKDIR="$PWD/out/eagle-tiny" \
+        python3 -m pytest -m cuda -v -p no:cacheprovider tests/test_eagle_runner.py ;;
+    eagle_llama_export)
+      run eagle_llama_export python3 bench/bench_eagle_runner.py export --layers "${EAGLE_LAYERS:-4}" --dir out/eagle-llama ;;
+    eagle_llama_time)  # per-call times and the speedup table, into $out/eagle_llama.md
+      run eagle_llama_time bash -c "set -o pipefail
+        python3 bench/bench_eagle_runner.py time --runner $runners/eagle_runner --dir out/eagle-llama | tee $out/eagle_llama.md" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -19,10 +19,10 @@ from pathlib import Path
 import et_int4.runtime
 import pytest
 import torch
-from et_int4.export import export_eagle as cli
-from et_int4.export.export_eagle import ExportOptions, export_eagle
+from et_int4.export.export_eagle import ExportOptions
 from et_int4.runtime.runner import runner_command, runner_env
 from numerics import rel_error
+from runner_programs import lowered_program, requires_runner
 
 RUNNER_ENV = "ET_INT4_EXECUTOR_RUNNER"
 PREFIX_ENV = "ET_INT4_RUNNER_PREFIX"
@@ -30,12 +30,7 @@ WORKDIR_ENV = "ET_INT4_RUNNER_WORKDIR"
 LINKED_RUNNER = "executor_runner_et_int4"
 MISSING_SYMBOL = "undefined symbol: aoti_torch_cuda_et_int4_plain_mm"
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not os.environ.get(RUNNER_ENV),
-                       reason=f"no executor_runner configured: build one with "
-                              f"tools/build_executor_runner.sh and set ${RUNNER_ENV} to it"),
-]
+pytestmark = [pytest.mark.cuda, requires_runner(RUNNER_ENV, "executor_runner", "executor_runner")]
 
 OPTIONS = ExportOptions(config="tiny", chain_len=7, matvec_max_m=8, max_seq_len=64)
 
@@ -69,15 +64,8 @@ def _inputs(method: str) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The rewritten programs as eager modules, and the .pte + .ptd lowered from them (kept in
-    ``$ET_INT4_RUNNER_WORKDIR`` when set, e.g. to time them afterwards)."""
-    export = export_eagle(OPTIONS)
-    # The eager modules first: lowering changes the programs it is given (their lifted buffers).
-    modules = {method: program.module() for method, program in export.programs.items()}
-    workdir = os.environ.get(WORKDIR_ENV)
-    pte, ptd = cli.lower_to_executorch(export.programs, cli.constant_methods(OPTIONS),
-                                       Path(workdir) if workdir else tmp_path_factory.mktemp("eagle"))
-    return modules, pte, ptd
+    """The rewritten programs as eager modules, and the .pte + .ptd lowered from them."""
+    return lowered_program(OPTIONS, WORKDIR_ENV, tmp_path_factory)
 
 
 def run_method(runner: Path, exported, method: str, inputs, work: Path, preload: Path | None):

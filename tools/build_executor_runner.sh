@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build ExecuTorch's executor_runner with the CUDA backend from an ExecuTorch source tree, and this
-# project's runners (tools/runner/: the same runner with libet_int4.so linked in), into OUT,
+# project's runners (tools/runner/: the same runner with libet_int4.so linked in, and eagle_runner), into OUT,
 # stripped, with rpath $ORIGIN so that OUT can be copied anywhere.
 #
 # Usage: tools/build_executor_runner.sh SRC [OUT]
@@ -101,6 +101,7 @@ echo "== ExecuTorch $version from $src -> $build/executorch (CUDA archs $archs, 
   -DEXECUTORCH_BUILD_EXECUTOR_RUNNER=ON \
   -DEXECUTORCH_BUILD_PTHREADPOOL=OFF -DEXECUTORCH_BUILD_CPUINFO=OFF \
   -DEXECUTORCH_BUILD_EXTENSION_DATA_LOADER=ON \
+  -DEXECUTORCH_BUILD_EXTENSION_MODULE=ON \
   -DEXECUTORCH_BUILD_EXTENSION_FLAT_TENSOR=ON \
   -DEXECUTORCH_BUILD_EXTENSION_NAMED_DATA_MAP=ON \
   -DEXECUTORCH_BUILD_EXTENSION_TENSOR=ON \
@@ -128,5 +129,8 @@ Run a method (the runner needs libcudart.so.13: add torch's nvidia/cu13/lib to L
     $out/executor_runner --model_path out/eagle.pte --data_path out/aoti_cuda_blob.ptd --method_name target_verify
 or, with libet_int4.so linked in (no LD_PRELOAD):
     $out/executor_runner_et_int4 --model_path out/eagle.pte --data_path out/aoti_cuda_blob.ptd --method_name target_verify
+Speculative decoding (README, "Speculative decoding with eagle_runner"):
+    $out/eagle_runner --model_path out/eagle.pte --data_path out/aoti_cuda_blob.ptd --prompt "1 2 3"
 Tests: ET_INT4_EXECUTOR_RUNNER=$out/executor_runner pytest -m cuda tests/test_runner_e2e.py
+       ET_INT4_EAGLE_RUNNER=$out/eagle_runner pytest -m cuda tests/test_eagle_runner.py
 RUN

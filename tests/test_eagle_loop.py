@@ -1,0 +1,223 @@
+"""The EAGLE loop of eagle_runner (runtime/eagle/eagle_loop.cpp) on CPU, over the fake model of
+tests/eagle_loop_fake.cpp, whose next token depends on every KV entry a row attends to: speculative
+decoding must give greedy decoding's tokens for any draft, and forced drafts their exact acceptance.
+Also the runner's command line and report (runtime/eagle_runner.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from et_int4.runtime.eagle_runner import EagleRun, ReportError, parse_reports
+from et_int4.runtime.runner import runner_env
+from runner_programs import requires_runner
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILER = shutil.which("c++") or shutil.which("g++")
+RUNNER_ENV = "ET_INT4_EAGLE_RUNNER"
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> Path:
+    if COMPILER is None:
+        pytest.skip("no C++ compiler (c++ or g++) on PATH to build tests/eagle_loop_fake.cpp")
+    binary = tmp_path_factory.mktemp("eagle") / "eagle_loop_fake"
+    subprocess.run([COMPILER, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{REPO}",
+                    str(REPO / "tests/eagle_loop_fake.cpp"), str(REPO / "runtime/eagle/eagle_loop.cpp"),
+                    "-o", str(binary)], check=True)
+    return binary
+
+
+def run(fake: Path, **args):
+    """The fake's report, parsed."""
+    for key in ("prompt", "forced_accept", "reference"):
+        if key in args:
+            args[key] = " ".join(map(str, args[key]))
+    result = subprocess.run([str(fake), *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    [report] = parse_reports(result.stdout)
+    return report
+
+
+def failure(fake: Path, **args) -> str:
+    args = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in args.items()}
+    result = subprocess.run([str(fake), *(f"{k}={v}" for k, v in args.items())], capture_output=True, text=True)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def random_prompt(rng: random.Random, vocab: int = 50) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+
+
+@pytest.mark.parametrize("chain_len", [1, 3, 7])
+@pytest.mark.parametrize("accuracy", [0.0, 0.6, 0.9, 1.0])
+def test_speculative_tokens_are_greedy_tokens(fake, chain_len, accuracy):
+    rng = random.Random(chain_len * 100 + int(accuracy * 10))
+    for seed in range(4):
+        common = dict(chain_len=chain_len, min_prefill_len=chain_len + 2, seed=seed, prompt=random_prompt(rng),
+                      max_new_tokens=rng.randint(1, 90))
+        greedy = run(fake, mode="greedy", **common)
+        spec = run(fake, accuracy=accuracy, **common)
+        assert spec.tokens == greedy.tokens
+        assert len(spec.tokens) == common["max_new_tokens"] and spec.stop == "max_new_tokens"
+        assert sum(spec.histogram.values()) == spec.verify.calls
+        assert spec.draft.calls == chain_len * spec.verify.calls
+        if accuracy == 1.0:
+            assert spec.histogram[chain_len] == spec.verify.calls
+
+
+def test_greedy_over_one_token_forwards_equals_greedy_over_verify_windows(fake):
+    prompt = random_prompt(random.Random(3))
+    wide = run(fake, mode="greedy", prompt=prompt)
+    narrow = run(fake, mode="greedy", prompt=prompt, decode_window=1)
+    assert narrow.tokens == wide.tokens
+    assert narrow.decode.calls == wide.decode.calls == len(wide.tokens) - 1
+
+
+@pytest.mark.parametrize("pattern", [[0], [7], [0, 7, 3, 1, 5, 2, 6, 4], [2, 0, 0, 7]])
+def test_forced_drafts_are_accepted_exactly_as_forced(fake, pattern):
+    prompt = random_prompt(random.Random(len(pattern)))
+    # The reference reaches past the last verify's drafts, so that every proposal is forced.
+    reference = run(fake, mode="greedy", prompt=prompt, max_new_tokens=100 + 8).tokens
+    spec = run(fake, prompt=prompt, max_new_tokens=100, forced_accept=pattern, reference=reference)
+    assert spec.tokens == reference[:100]
+    produced, accepted = 1, []  # the first token comes from prefill
+    while produced < 100:
+        accepted.append(pattern[len(accepted) % len(pattern)])
+        produced += accepted[-1] + 1
+    assert spec.histogram == {a: accepted.count(a) for a in range(8)}
+    if pattern == [0]:
+        assert spec.mean_accepted == 0
+
+
+def test_prompts_shorter_than_min_prefill_len_and_at_every_length(fake):
+    for length in range(1, 14):
+        prompt = list(range(3, 3 + length))
+        assert run(fake, prompt=prompt, min_prefill_len=12).tokens == run(
+            fake, mode="greedy", prompt=prompt, min_prefill_len=12).tokens
+
+
+def test_end_token_stops_both_modes_at_its_first_occurrence(fake):
+    greedy = run(fake, mode="greedy", prompt=[4, 5], max_new_tokens=80).tokens
+    eos = greedy[30]
+    first = greedy.index(eos)
+    for mode in ("greedy", "speculative"):
+        report = run(fake, mode=mode, prompt=[4, 5], max_new_tokens=80, eos_id=eos)
+        assert report.tokens == greedy[:first + 1]
+        assert report.stop == "end_token"
+
+
+def test_a_full_kv_cache_stops_without_overrunning_it(fake):
+    # The fake throws on a forward past max_seq_len; both modes stop before that.
+    greedy = run(fake, mode="greedy", prompt=[1, 2, 3], max_seq_len=40, max_new_tokens=500)
+    spec = run(fake, prompt=[1, 2, 3], max_seq_len=40, max_new_tokens=500, accuracy=0.8)
+    assert greedy.stop == spec.stop == "kv_cache_full"
+    # The prefill token, then one per decode window at n = 3 .. 40 - 8.
+    assert len(greedy.tokens) == 1 + (40 - 8 - 3 + 1)
+    shorter = min(len(greedy.tokens), len(spec.tokens))
+    assert spec.tokens[:shorter] == greedy.tokens[:shorter]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(prompt=[50]), "outside the vocabulary [0, 50)"),
+    (dict(prompt=[]), "the prompt is empty"),
+    (dict(prompt=[1], forced_accept=[8], reference=[1]), "forced_accept 8 must lie in 0..chain_len (7)"),
+    (dict(prompt=[1], forced_accept=[1]), "forced_accept needs the reference"),
+    (dict(prompt=[1], max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (dict(prompt=[1, 2, 3], max_seq_len=2, min_prefill_len=1, chain_len=1), "more than the program's max_seq_len 2"),
+    (dict(prompt=[1], chain_len=0), "a chain needs at least 1 draft"),
+    (dict(prompt="1 x"), "'x' is not a token id"),
+])
+def test_bad_input_is_refused_with_what_was_expected(fake, args, message):
+    assert message in failure(fake, **args)
+
+
+def test_run_flags():
+    flags = EagleRun(Path("m.pte"), Path("w.ptd"), prompt=[1, 2], forced_accept=[0, 3],
+                     reference_file=Path("ref.txt"), cuda_graph_methods=["target_verify", "draft_decode"]).flags()
+    assert "--model_path=m.pte" in flags and "--data_path=w.ptd" in flags
+    assert "--prompt=1 2" in flags and "--forced_accept=0,3" in flags and "--reference_file=ref.txt" in flags
+    assert "--cuda_graph_methods=target_verify,draft_decode" in flags
+    assert not any(f.startswith("--prompts_file") for f in flags)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "exactly one of prompt and prompts_file"),
+    (dict(prompt=[1], prompts_file=Path("p")), "exactly one of prompt and prompts_file"),
+    (dict(prompt=[1], mode="beam"), "expected 'speculative' or 'greedy'"),
+    (dict(prompt=[1], forced_accept=[0]), "forced_accept needs reference_file"),
+])
+def test_run_flags_refuse_bad_combinations(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EagleRun(Path("m.pte"), **kwargs).flags()
+
+
+def test_reports_parse_with_log_lines_between_and_refuse_a_truncated_one():
+    output = ("eagle_runner: speculative, chain_len 2\n== prompt 0 run 0: 2 tokens\ntokens: 5 6 7\n"
+              "I 00:00:01.000 executorch:cuda_backend.cpp:1 stop: not a field\nstop: max_new_tokens\n"
+              "decode_rate: 2 tokens in 0.001000 s, 2000.0 tokens/s\nprefill: 3 tokens, 1 calls, median 1.0000 ms, "
+              "mean 1.0000 ms\nverify: 1 calls, median 0.5000 ms, mean 0.5000 ms\n"
+              "draft: 2 calls, median 0.1000 ms, mean 0.1000 ms\naccepted: mean 1.000 of 2 drafts per verify\n"
+              "histogram: 0:0 1:1 2:0\n== prompt 1 run 0: 1 tokens\ntokens: 9\nstop: end_token\n"
+              "decode_rate: 0 tokens in 0.000001 s, 0.0 tokens/s\nprefill: 3 tokens, 1 calls, median 1.0000 ms, "
+              "mean 1.0000 ms\n")
+    first, second = parse_reports(output)
+    assert first.tokens == [5, 6, 7] and first.stop == "max_new_tokens" and first.tokens_per_s == 2000.0
+    assert first.verify.median_ms == 0.5 and first.draft.calls == 2
+    assert first.mean_accepted == 1.0 and first.histogram == {0: 0, 1: 1, 2: 0}
+    assert second.prompt == 1 and second.stop == "end_token" and second.verify is None
+    with pytest.raises(ReportError, match="no 'stop:' line"):
+        parse_reports("== prompt 0 run 0: 1 tokens\ntokens: 1\n")
+    with pytest.raises(ReportError, match="no '== prompt' report"):
+        parse_reports("error: something\n")
+
+
+@requires_runner(RUNNER_ENV, "eagle_runner", "eagle_runner")
+def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
+    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the report) on CPU:
+    the tiny EAGLE program lowered to ExecuTorch's portable ops, without int4 weights. Such a program
+    keeps a KV cache per method, so this checks the plumbing, not the numbers: speculative and greedy
+    decoding still agree, and forced drafts are accepted as forced."""
+    import torch
+    from et_int4.export.export_eagle import ExportOptions, example_inputs
+    from et_int4.export.models import MethodModule, build_model
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64)
+    model = build_model(options.model_args)
+    with torch.no_grad():
+        programs = {name: torch.export.export(MethodModule(model, name), inputs, dynamic_shapes=dynamic)
+                    for name, (inputs, dynamic) in example_inputs(options).items()}
+    constants = {"get_chain_len": options.chain_len, "get_max_seq_len": options.model_args.max_seq_len,
+                 "get_min_prefill_len": options.min_prefill_len}
+    program = to_edge_transform_and_lower(programs, compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                          constant_methods=constants).to_executorch(
+        ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+    pte = tmp_path / "eagle_portable.pte"
+    pte.write_bytes(program.buffer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5 6 7\n1 2 3 4 5 6 7 8 9 10 11\n")
+
+    def reports(max_new_tokens, **kwargs):
+        flags = EagleRun(pte, prompts_file=prompts, max_new_tokens=max_new_tokens, **kwargs).flags()
+        result = subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return parse_reports(result.stdout)
+
+    greedy = reports(24, mode="greedy")
+    reference = tmp_path / "reference.txt"
+    reference.write_text("".join(" ".join(map(str, r.tokens)) + "\n" for r in greedy))
+    assert [len(r.tokens) for r in greedy] == [24, 24]
+    for report in reports(20):
+        assert report.tokens == greedy[report.prompt].tokens[:20]
+        assert report.draft.calls == options.chain_len * report.verify.calls
+    for report in reports(20, forced_accept=[0, 3, 1, 2], reference_file=reference):
+        assert report.tokens == greedy[report.prompt].tokens[:20]
+        assert report.histogram == {0: 2, 1: 2, 2: 2, 3: 2}  # 1 + 1 + 4 + 2 + 3 + 1 + 4 + 2 + 3 >= 20

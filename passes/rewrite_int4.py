@@ -11,7 +11,7 @@ With M = prod(x.shape[:-1]) rows, a linear whose M can never exceed ``MATVEC_MAX
 
     reshape(x, [-1, K]) -> et_int4_plain_mm(x2d, qdata4, scale, zero, gs, MATVEC_MAX_M) -> reshape [..., N]
 
-with the repacked weight as new constants of the program; a linear whose M is always larger stays
+with the repacked weight as new buffers of the program (named after the weight); a linear whose M is always larger stays
 as it is (W4A16 prefill). A dynamic M whose range straddles the limit is an error: one graph cannot
 take both paths.
 """
@@ -240,9 +240,9 @@ class _Rewriter:
         self.graph = program.graph
         self.limit = limit
         self.fake_mode = fake_mode
-        self.new_constants: dict[str, torch.Tensor] = {}
+        self.new_buffers: dict[str, torch.Tensor] = {}
         self.new_specs: dict[str, InputSpec] = {}
-        # One set of constants per weight placeholder: tied weights are packed once.
+        # One set of packed tensors per weight placeholder: tied weights are packed once.
         self.packed: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
 
     def run(self, matches: list[_Int4Linear]) -> ExportedProgram:
@@ -254,7 +254,7 @@ class _Rewriter:
     def _rewrite(self, match: _Int4Linear) -> None:
         linear = match.linear
         x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
-        qdata, scale, zero = self._constants_for(match.weight)
+        qdata, scale, zero = self._packed_for(match.weight)
         x_val = x.meta["val"]
         k, n = x_val.shape[-1], weight_shape(qdata.meta["val"])[0]
         with self.graph.inserting_before(linear):
@@ -278,13 +278,13 @@ class _Rewriter:
         node.meta.update({key: like.meta[key] for key in _INHERITED_META if key in like.meta})
         return node
 
-    def _constants_for(self, weight: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    def _packed_for(self, weight: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
         if weight not in self.packed:
             packed = pack_torchao_weight(_lifted_tensor(self.program, weight))
             base = _input_spec(self.program, weight).target
             with self.graph.inserting_before(self._first_user_input()):
                 self.packed[weight] = tuple(
-                    self._add_constant(f"{base}_et_int4_{field}", tensor)
+                    self._add_buffer(f"{base}_et_int4_{field}", tensor)
                     for field, tensor in (("qdata", packed.qdata), ("scale", packed.scale),
                                           ("zero", packed.zero)))
         return self.packed[weight]
@@ -295,18 +295,21 @@ class _Rewriter:
         return next(n for n in self.graph.nodes
                     if n.op != "placeholder" or n.name in users)
 
-    def _add_constant(self, target: str, tensor: torch.Tensor) -> fx.Node:
-        taken = self.program.state_dict.keys() | self.program.constants.keys() | self.new_constants.keys()
+    def _add_buffer(self, target: str, tensor: torch.Tensor) -> fx.Node:
+        """A persistent buffer named after the weight it packs. A buffer, not a lifted tensor constant:
+        AOTInductor names constants by their FQN only for parameters and buffers (others become
+        `_tensor_constant<i>`, numbered per program), and ExecuTorch's CUDA backend shares tensors
+        across methods by that name, so generic names would collide between methods."""
+        taken = self.program.state_dict.keys() | self.program.constants.keys() | self.new_buffers.keys()
         unique, i = target, 0
         while unique in taken:
             i += 1
             unique = f"{target}_{i}"
-        node = self.graph.placeholder("c_" + unique.replace(".", "_"))
+        node = self.graph.placeholder("b_" + unique.replace(".", "_"))
         node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
-        self.new_constants[unique] = tensor
+        self.new_buffers[unique] = tensor
         self.new_specs[node.name] = InputSpec(
-            kind=InputKind.CONSTANT_TENSOR, arg=TensorArgument(name=node.name), target=unique,
-            persistent=None)
+            kind=InputKind.BUFFER, arg=TensorArgument(name=node.name), target=unique, persistent=True)
         return node
 
     def _erase_unused(self, matches: list[_Int4Linear]) -> set[str]:
@@ -335,7 +338,8 @@ class _Rewriter:
             ],
         )
         constants = {k: v for k, v in program.constants.items() if k not in removed}
-        constants.update(self.new_constants)
+        state_dict = {k: v for k, v in program.state_dict.items() if k not in removed}
+        state_dict.update(self.new_buffers)
         gm = program.graph_module
         self.graph.lint()
         gm.recompile()
@@ -343,7 +347,7 @@ class _Rewriter:
             root=gm,
             graph=self.graph,
             graph_signature=signature,
-            state_dict={k: v for k, v in program.state_dict.items() if k not in removed},
+            state_dict=state_dict,
             range_constraints=program.range_constraints,
             module_call_graph=program.module_call_graph,
             example_inputs=program.example_inputs,

@@ -60,3 +60,17 @@ def test_aoti_program_feeds_the_shim_contiguous_rows_of_a_chunk(device, tmp_path
     expected = program.module()(x)  # the eager op on the strided halves
     torch.testing.assert_close(compiled(x).float(), expected.float(), rtol=2**-7,
                                atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.slow
+def test_aoti_names_the_packed_weights_after_the_weights(tmp_path):
+    # ExecuTorch's CUDA backend shares a constant across methods by this name
+    # (weight_sharing_across_methods): names numbered per program would collide between methods.
+    model = quantized(MLP(k=256, hidden=512, n=128), asymmetric=True)
+    example = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = et_int4.rewrite_int4_linears(torch.export.export(model, (example,)), matvec_max_m=8)
+    compiled, _ = compile_and_load(program, "cpu", tmp_path)
+    packed = {f"{layer}.weight_et_int4_{field}" for layer in ("up_proj", "down_proj")
+              for field in ("qdata", "scale", "zero")}
+    assert packed <= set(compiled.loader.get_constant_fqns())

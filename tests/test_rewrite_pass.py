@@ -10,6 +10,7 @@ from models import MLP, Tied, export, mlp_program, quantized
 from numerics import rel_error
 from torch import nn
 from torch.export import Dim
+from torch.export.graph_signature import InputKind
 
 OP = torch.ops.et_int4.et_int4_plain_mm.default
 DEQUANTIZE = torch.ops.torchao.dequantize_affine.default
@@ -52,16 +53,20 @@ def test_rewritten_mlp_is_the_reference(shape: tuple[int, ...], asymmetric: bool
     assert rel_error(y, original) < 3e-2
 
 
-def test_signature_state_dict_and_constants() -> None:
+def test_signature_and_packed_buffers() -> None:
     ep = mlp_program((2,))
     rewritten = et_int4.rewrite_int4_linears(ep)
-    assert set(rewritten.state_dict) == {"down_proj.bias"}
+    assert not rewritten.constants
     placeholders = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
     assert placeholders == [s.arg.name for s in rewritten.graph_signature.input_specs]
     assert "p_up_proj_weight" not in placeholders and "p_down_proj_weight" not in placeholders
-    assert placeholders[-1] == "x"  # the constants go before the user inputs
-    consts = {k: (v.dtype, tuple(v.shape)) for k, v in rewritten.constants.items()}
-    assert consts == {
+    assert placeholders[-1] == "x"  # the packed weights go before the user inputs
+    # Persistent buffers named after the weights (AOTInductor keeps those names, test_aoti.py).
+    buffers = {s.target for s in rewritten.graph_signature.input_specs
+               if s.kind == InputKind.BUFFER and s.persistent}
+    new = {k: (v.dtype, tuple(v.shape)) for k, v in rewritten.state_dict.items() if k != "down_proj.bias"}
+    assert buffers == new.keys()
+    assert new == {
         # Tiled: [N/32, 16*K] nibbles, [N/32, 32*K/group_size] scales (group_size 32); torchao's
         # symmetric default has one zero point per row, stored once: [N/32, 32].
         "up_proj.weight_et_int4_qdata": (torch.uint8, (3, 1024)),
@@ -72,9 +77,9 @@ def test_signature_state_dict_and_constants() -> None:
         "down_proj.weight_et_int4_zero": (torch.int8, (1, 32)),
     }
     packed = pack_torchao_weight(ep.state_dict["up_proj.weight"])
-    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_qdata"], packed.qdata)
-    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_scale"], packed.scale)
-    assert torch.equal(rewritten.constants["up_proj.weight_et_int4_zero"], packed.zero)
+    assert torch.equal(rewritten.state_dict["up_proj.weight_et_int4_qdata"], packed.qdata)
+    assert torch.equal(rewritten.state_dict["up_proj.weight_et_int4_scale"], packed.scale)
+    assert torch.equal(rewritten.state_dict["up_proj.weight_et_int4_zero"], packed.zero)
     for node in rewritten.graph.nodes:
         if node.op != "output":
             assert "val" in node.meta, node
@@ -111,9 +116,10 @@ def test_tensors_not_replaced_are_shared_not_copied() -> None:
     assert ep.constants, "the model should have a lifted tensor constant"
     rewritten = et_int4.rewrite_int4_linears(ep)
     assert _targets(rewritten).count(OP) == 1
-    assert set(rewritten.state_dict) == {"routed.bias", "kept.weight", "offset"}
-    for key, tensor in rewritten.state_dict.items():
-        assert tensor is ep.state_dict[key], key
+    packed = {f"routed.weight_et_int4_{field}" for field in ("qdata", "scale", "zero")}
+    assert set(rewritten.state_dict) == {"routed.bias", "kept.weight", "offset"} | packed
+    for key in rewritten.state_dict.keys() - packed:
+        assert rewritten.state_dict[key] is ep.state_dict[key], key
     kept_constants = ep.constants.keys() & rewritten.constants.keys()
     assert kept_constants == ep.constants.keys()
     for key in kept_constants:
@@ -167,7 +173,7 @@ def test_tied_weight_both_routed() -> None:
     ops = [n for n in rewritten.graph.nodes if n.target == OP]
     assert len(ops) == 2
     assert ops[0].args[1:4] == ops[1].args[1:4]  # packed once
-    assert len(rewritten.constants) == 3
+    assert len(rewritten.state_dict.keys() - ep.state_dict.keys()) == 3
     assert DEQUANTIZE not in _targets(rewritten)
     used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
     remaining = {n.name for n in rewritten.graph.nodes if n.op == "placeholder"}

@@ -236,13 +236,13 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
   Problem p;
   const int32_t cuda = aoti_torch_device_type_cuda();
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cuda, "cuda", p)) return e;
-  // No rows: an empty [0, N] output and no launch (a grid of zero CTAs is a launch error).
-  if (p.m == 0) return new_output(p, cuda, ret0) ? kFailure : succeed();
   if (!aoti_torch_create_cuda_guard || !aoti_torch_delete_cuda_guard ||
       !aoti_torch_get_current_cuda_stream) {
     return fail("the host process has no CUDA runtime (its aoti_torch_* CUDA functions are missing); "
                 "load libet_int4 into a CUDA build of PyTorch or an ExecuTorch CUDA runtime");
   }
+  // No rows: an empty [0, N] output and no launch (a grid of zero CTAs is a launch error).
+  if (p.m == 0) return new_output(p, cuda, ret0) ? kFailure : succeed();
   // The kernels load 16 bytes of nibbles, 8 of scales and 4 of zeros at a time.
   for (const auto& [t, name, bytes] : {std::tuple{&p.qdata, "qdata", 16}, std::tuple{&p.scale, "scale", 8},
                                        std::tuple{&p.zero, "zero", 4}}) {

@@ -103,6 +103,18 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+@pytest.mark.parametrize("n,k", [(14336, 5376), (4096, 4160), (96, 4096)])
+def test_a_row_comes_out_the_same_whatever_m_and_call(n, k):
+    # EAGLE's lossless check compares a verify (M = chain_len + 1) with plain decoding (M = 1): row i
+    # must not depend on the other rows, on M, or on which CTA finished a shared tile first.
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x, qdata, scale, zero = random_operands(et_int4.SHIM_GEMM_MAX_M, n, k, 32, generator=gen, device="cuda")
+    full = run_op(x, qdata, scale, zero, 32)
+    for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
+        assert torch.equal(run_op(x[m - 1:m].clone(), qdata, scale, zero, 32)[0], full[m - 1]), f"row {m - 1}"
+        assert torch.equal(run_op(x[:m].clone(), qdata, scale, zero, 32), full[:m]), f"M = {m}"
+
+
 def test_no_rows_give_an_empty_output_and_launch_nothing():
     gen = torch.Generator(device="cuda").manual_seed(9)
     x, qdata, scale, zero = random_operands(0, 96, 256, 32, generator=gen, device="cuda")

@@ -49,7 +49,8 @@ constexpr bool kPrefetch = ET_INT4_PREFETCH;  // load the next stage before comp
 constexpr int kWarps = ET_INT4_CTA_WARPS;
 constexpr int kCtasPerSm = ET_INT4_CTAS_PER_SM;  // register budget: 65536 / (kCtasPerSm * threads)
 constexpr int kQuantThreads = 256;
-// A CTA split of K covers a multiple of this many blocks, so that no weight group straddles two.
+// A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
+// within one group) never straddles two splits.
 constexpr int kSplitAlign = 4;
 // 1.5 * 2^23: for |i| < 2^22 the float with bits (i + kMagicBits) is exactly kMagic + i, so the mma
 // adds kMagicBits as its C operand and one FADD converts the integer dot (no I2F on the XU pipe).
@@ -206,17 +207,22 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
   return st;
 }
 
-// The columns one lane accumulates: kCols = 1 keeps column 2t only (m = 1 needs column 0 alone);
+// The columns one lane accumulates: cols = 1 keeps column 2t only (m = 1 needs column 0 alone);
 // otherwise the mma's two, 2t and 2t + 1, of each 8-column tile.
+constexpr int col_tiles(int cols) { return cols > kColTile ? 2 : 1; }
+constexpr int cols_per_tile(int cols) { return cols == 1 ? 1 : 2; }
+constexpr int acc_slots(int cols) { return 2 * 2 * col_tiles(cols) * cols_per_tile(cols); }  // m16 halves x row halves x columns
+// (d, -sum) entries per block: lanes t = 1..3 of an m = 1 call read columns 2, 4, 6, where d = 0.
+constexpr int meta_cols(int cols) { return cols == 1 ? kColTile : cols; }
+
 template <int kCols>
 struct Cols {
-  static constexpr int kTiles = kCols > kColTile ? 2 : 1;
-  static constexpr int kPerTile = kCols == 1 ? 1 : 2;
-  static constexpr int kAcc = 2 * 2 * kTiles * kPerTile;  // m16 halves x row halves x columns
-  // Columns per block in the quantized activations (m = 1 keeps one; the rest are zero padding) and
-  // in their (d, -sum) (lanes t = 1..3 of an m = 1 call read columns 2, 4, 6: d = 0 there).
+  static constexpr int kTiles = col_tiles(kCols);
+  static constexpr int kPerTile = cols_per_tile(kCols);
+  static constexpr int kAcc = acc_slots(kCols);
+  // Columns per block in the quantized activations (m = 1 keeps one; the rest are zero padding).
   static constexpr int kStored = kCols;
-  static constexpr int kMeta = kCols == 1 ? kColTile : kCols;
+  static constexpr int kMeta = meta_cols(kCols);
   using Meta = std::conditional_t<kPerTile == 2, uint4, uint2>;  // (d, -sum) of the lane's columns
 };
 
@@ -281,16 +287,17 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
         for (int e = 0; e < E; ++e) fn(half, h, ct, e);
 }
 
-template <int kCols, int kGroupBlocks>
+// zeros(r): the zero points of run r (the lane's four rows, one byte each).
+template <int kCols, int kGroupBlocks, typename Zeros>
 __device__ __forceinline__ void accumulate_stage(
-    const Stage<kGroupBlocks>& st, const uint32_t (&zeros)[Stage<kGroupBlocks>::kRuns], const Acts<kCols>& a, int valid,
+    const Stage<kGroupBlocks>& st, Zeros&& zeros, const Acts<kCols>& a, int valid,
     float (&acc)[2][2][Cols<kCols>::kTiles][Cols<kCols>::kPerTile]) {
   constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
 #pragma unroll
   for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
     int zero[2][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros[r], i);
+    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros(r), i);
     float run[2][2][CT][E];
 #pragma unroll
     for (int jj = 0; jj < kGroupBlocks; ++jj) {
@@ -360,9 +367,7 @@ w4a8_gemm(const GemmParams p) {
   const uint2* ws = p.scale + static_cast<int64_t>(tile) * p.groups * 8 + g;
   const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * (kRowZeros ? 1 : p.groups) * 8 + g;
   // One zero point per row (a symmetric quantization): loaded once, not per group.
-  uint32_t row_zeros[Stage<kGroupBlocks>::kRuns];
-#pragma unroll
-  for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) row_zeros[r] = kRowZeros ? __ldg(wz) : 0u;
+  const uint32_t row_zero = kRowZeros ? __ldg(wz) : 0u;
   const int first_group = kExactGroups ? first / kGroupBlocks : 0;
   WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
                  wz + first_group * 8};
@@ -386,8 +391,8 @@ w4a8_gemm(const GemmParams p) {
     } else {
       cur = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
     }
-    accumulate_stage<kCols, kGroupBlocks>(cur, kRowZeros ? row_zeros : cur.z, load_acts<kCols>(x, mt, valid),
-                                          valid, acc);
+    accumulate_stage<kCols, kGroupBlocks>(cur, [&](int r) { return kRowZeros ? row_zero : cur.z[r]; },
+                                          load_acts<kCols>(x, mt, valid), valid, acc);
     first += kStride;
     c.q += kStride * 32;
     c.s += kStride / kGroupBlocks * 8;
@@ -451,22 +456,32 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t align16(int64_t bytes) { return ceil_div(bytes, 16) * 16; }
 
-// Multiprocessors of the current device, read once per device.
-int multiprocessors() {
+// What the plan and the launch need of the current device, read once per device.
+struct DeviceInfo {
+  int multiprocessors = 1;
+  bool pdl = false;  // programmatic dependent launch (compute capability 9.0+)
+};
+
+DeviceInfo device_info() {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
+  static std::atomic<int> cache[kMaxDevices];  // 2 * multiprocessors + pdl; 0 until read
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 1;
-  if (device < kMaxDevices && cache[device].load(std::memory_order_relaxed) > 0) return cache[device];
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) return 1;
-  if (device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return {};
+  int packed = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (packed == 0) {
+    int count = 0, major = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1 ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+      return {};
+    packed = 2 * count + (major >= 9);
+    if (device < kMaxDevices) cache[device].store(packed, std::memory_order_relaxed);
+  }
+  return {packed / 2, (packed & 1) != 0};
 }
 
 // How one call divides its work and its workspace; a pure function of the shapes and the device.
 struct Plan {
-  int cols, meta_cols, acc;
+  int cols;
   int64_t tiles, blocks, splits, split_blocks;
   int64_t meta_bytes, xq_bytes, partial_bytes, counter_bytes;
   int64_t workspace() const { return meta_bytes + xq_bytes + partial_bytes + counter_bytes; }
@@ -475,14 +490,14 @@ struct Plan {
 Plan make_plan(int64_t m, int64_t n, int64_t k) {
   Plan pl{};
   pl.cols = cols_for(m);
-  pl.meta_cols = pl.cols == 1 ? Cols<1>::kMeta : pl.cols;
-  pl.acc = pl.cols == 1 ? 4 : pl.cols == kColTile ? 8 : 16;
   pl.tiles = n / kTileRows;
   pl.blocks = k / kBlockK;
   // Split K only when the row tiles cannot fill one wave of resident CTAs (a split costs a
   // partial-sum round trip and shortens each warp's stream): then the fewest splits whose CTAs fill
-  // the waves to 90%, each warp keeping at least one stage.
-  const int64_t slots = static_cast<int64_t>(multiprocessors()) * kCtasPerSm;
+  // the waves to 90%, each warp keeping at least one stage. The same splits for every m (two column
+  // tiles, with half the CTAs resident, then run in more waves): a row's sums are added in the same
+  // order whatever the other rows, so a verify's row equals a decode's bit for bit.
+  const int64_t slots = static_cast<int64_t>(device_info().multiprocessors) * kCtasPerSm;
   const int64_t most = pl.tiles >= slots ? 1 : std::clamp<int64_t>(pl.blocks / (kWarps * kStageBlocks), 1, 64);
   int64_t splits = 1;
   double best = 0.;
@@ -494,9 +509,9 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   }
   pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
-  pl.meta_bytes = align16(pl.blocks * pl.meta_cols * static_cast<int64_t>(sizeof(BlockMeta)));
+  pl.meta_bytes = align16(pl.blocks * meta_cols(pl.cols) * static_cast<int64_t>(sizeof(BlockMeta)));
   pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);
-  pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * pl.acc * 32 * 4 : 0;
+  pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * acc_slots(pl.cols) * 32 * 4 : 0;
   pl.counter_bytes = pl.splits > 1 ? align16(pl.tiles * 4) : 0;
   return pl;
 }
@@ -548,13 +563,6 @@ cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zero
                            : dispatch_zeros<kCols, 1>(p, row_zeros, stream, pdl);
 }
 
-bool device_supports_pdl() {
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         major >= 9;
-}
-
 }  // namespace
 
 size_t workspace_bytes(int64_t m, int64_t n, int64_t k) {
@@ -569,12 +577,12 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   auto* xq = reinterpret_cast<int8_t*>(base + pl.meta_bytes);
   auto* partial = reinterpret_cast<float*>(base + pl.meta_bytes + pl.xq_bytes);
   auto* counters = reinterpret_cast<unsigned*>(base + pl.meta_bytes + pl.xq_bytes + pl.partial_bytes);
-  const bool pdl = device_supports_pdl();
+  const bool pdl = device_info().pdl;
 
-  const int64_t quant_threads = pl.blocks * pl.meta_cols * 32;
+  const int64_t quant_threads = pl.blocks * meta_cols(pl.cols) * 32;
   cudaError_t err = launch_chained(quantize_activations, ceil_div(quant_threads, kQuantThreads),
                                    kQuantThreads, stream, pdl, static_cast<const __nv_bfloat16*>(a.x),
-                                   static_cast<int>(a.m), a.k, pl.meta_cols, pl.cols, meta, xq, counters,
+                                   static_cast<int>(a.m), a.k, meta_cols(pl.cols), pl.cols, meta, xq, counters,
                                    static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   if (err != cudaSuccess) return cudaGetErrorString(err);
 

@@ -259,17 +259,18 @@ def test_reports_parse_with_log_lines_between_and_refuse_a_truncated_one():
 
 @requires_runner(RUNNER_ENV, "eagle_runner", "eagle_runner")
 def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
-    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the report) on CPU:
-    the tiny EAGLE program lowered to ExecuTorch's portable ops, without int4 weights. Such a program
-    keeps a KV cache per method, so this checks the plumbing, not the numbers: speculative and greedy
-    decoding still agree, and forced drafts are accepted as forced."""
+    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the methods each
+    mode loads, the report) on CPU: the tiny EAGLE program with target_decode lowered to ExecuTorch's
+    portable ops, without int4 weights. Such a program keeps a KV cache per method, so this checks
+    the plumbing, not the numbers: speculative and greedy decoding still agree, and forced drafts
+    are accepted as forced."""
     import torch
-    from et_int4.export.export_eagle import ExportOptions, example_inputs
+    from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions, example_inputs
     from et_int4.export.models import MethodModule, build_model
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64)
+    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64, target_decode=True)
     model = build_model(options.model_args)
     with torch.no_grad():
         programs = {name: torch.export.export(MethodModule(model, name), inputs, dynamic_shapes=dynamic)
@@ -284,20 +285,37 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("5 6 7\n1 2 3 4 5 6 7 8 9 10 11\n")
 
-    def reports(max_new_tokens, **kwargs):
-        flags = EagleRun(pte, prompts_file=prompts, max_new_tokens=max_new_tokens, **kwargs).flags()
-        result = subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
-                                timeout=600)
+    def runner(**kwargs):
+        flags = EagleRun(pte, prompts_file=prompts, **kwargs).flags()
+        return subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
+                              timeout=600)
+
+    def reports(max_new_tokens, loads, **kwargs):
+        result = runner(max_new_tokens=max_new_tokens, **kwargs)
         assert result.returncode == 0, result.stderr[-4000:]
+        header = next(line for line in result.stdout.splitlines() if line.startswith("eagle_runner: "))
+        assert header.endswith(", loaded " + " ".join(loads)), header
         return parse_reports(result.stdout)
 
-    greedy = reports(24, mode="greedy")
+    greedy = reports(24, ["prefill", "target_verify"], mode="greedy")
     reference = tmp_path / "reference.txt"
     reference.write_text("".join(" ".join(map(str, r.tokens)) + "\n" for r in greedy))
     assert [len(r.tokens) for r in greedy] == [24, 24]
-    for report in reports(20):
+    assert [len(r.tokens) for r in reports(24, ["prefill", DECODE_METHOD], mode="greedy",
+                                           decode_method=DECODE_METHOD)] == [24, 24]
+    speculative = ["prefill", "target_verify", "draft_decode"]
+    for report in reports(20, speculative, decode_method="no_such_method"):  # speculation decodes nothing
         assert report.tokens == greedy[report.prompt].tokens[:20]
         assert report.draft.calls == options.chain_len * report.verify.calls
-    for report in reports(20, forced_accept=[0, 3, 1, 2], reference_file=reference):
+    for report in reports(20, speculative, forced_accept=[0, 3, 1, 2], reference_file=reference):
         assert report.tokens == greedy[report.prompt].tokens[:20]
         assert report.histogram == {0: 2, 1: 2, 2: 2, 3: 2}  # 1 + 1 + 4 + 2 + 3 + 1 + 4 + 2 + 3 >= 20
+
+    missing = runner(mode="greedy", decode_method="no_such_method")
+    assert missing.returncode == 2 and "has no method no_such_method" in missing.stderr
+    short = tmp_path / "short.txt"
+    short.write_text(reference.read_text().splitlines()[0] + "\n")
+    refused = runner(max_new_tokens=20, forced_accept=[1], reference_file=short)
+    assert refused.returncode == 2
+    assert "reference_file has 1 line(s) for 2 prompt(s)" in refused.stderr
+    assert "== prompt" not in refused.stdout

@@ -169,12 +169,11 @@ class Target(nn.Module):
 
     def forward(self, h, input_pos):
         cos, sin = rope_angles(input_pos, self.args.head_dim, self.args.rope_theta)
-        taps = []
-        for i, layer in enumerate(self.layers):
-            if i in self.args.eagle_layers:
-                taps.append(h)
+        inputs = []  # each layer's input; a layer tapped twice (few layers) gives both taps
+        for layer in self.layers:
+            inputs.append(h)
             h = layer(h, input_pos, cos, sin)
-        return self.output(self.norm(h)), torch.cat(taps, dim=-1)
+        return self.output(self.norm(h)), torch.cat([inputs[i] for i in self.args.eagle_layers], dim=-1)
 
 
 class EagleDraft(nn.Module):

@@ -200,6 +200,19 @@ def test_fewer_layers_keep_the_config_shapes():
     assert (args.n_layers, args.eagle_layers, args.dim, args.ffn_dim) == (4, (1, 2, 3), 4096, 14336)
 
 
+@pytest.mark.parametrize("n_layers", [2, 3, 4])
+def test_the_target_taps_three_hidden_states_at_any_layer_count(n_layers):
+    # The draft's fc takes 3 * dim; with 2 or 3 layers two taps fall on one layer, and each still counts
+    # (a 2-layer Llama-shaped program once gave 1 * dim taps, which eagle_runner refused).
+    from et_int4.export.models import CONFIGS, Target, with_layers
+    args = with_layers(CONFIGS["tiny"], n_layers)
+    target = Target(args)
+    h = torch.randn(1, 3, args.dim)
+    with torch.no_grad():
+        _, taps = target(h, torch.arange(3))
+    assert taps.shape == (1, 3, 3 * args.dim)
+
+
 def test_the_bench_refuses_too_few_layers_with_the_models_check(capsys):
     path = Path(__file__).parents[1] / "bench" / "bench_eagle_runner.py"
     spec = importlib.util.spec_from_file_location("bench_eagle_runner", path)

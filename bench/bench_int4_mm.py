@@ -95,7 +95,10 @@ class ExecuTorchKernels:
         if not header.is_file():
             raise FileNotFoundError(f"{header} does not exist: --executorch-src must name an ExecuTorch checkout")
         harness = self.HARNESS / "harness.cu"
-        key = hashlib.sha256(header.read_bytes() + harness.read_bytes()).hexdigest()[:16]
+        # Every input of the build: an edit to any of them rebuilds.
+        inputs = [header, harness, *sorted((self.HARNESS / "stubs").rglob("*"))]
+        key = hashlib.sha256(b"".join(p.as_posix().encode() + p.read_bytes() for p in inputs
+                                      if p.is_file())).hexdigest()[:16]
         lib = Path(tempfile.gettempdir()) / f"et_int4_executorch_harness_{key}.so"
         if not lib.is_file():
             subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC",

@@ -8,6 +8,7 @@ target_decode). The
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import runpy
 from pathlib import Path
 
@@ -41,12 +42,10 @@ def test_lowered_methods_agree_on_every_name_they_share(exported):
     for name, program in exported.programs.items():
         edge = exir.to_edge(program, compile_config=config).exported_program()
         tensors[name] = {**edge.state_dict, **edge.constants}
-    names = list(tensors)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for key in tensors[a].keys() & tensors[b].keys():
-                x, y = tensors[a][key], tensors[b][key]
-                assert (x.dtype, x.shape) == (y.dtype, y.shape) and torch.equal(x, y), f"{key}: {a} vs {b}"
+    for a, b in itertools.combinations(tensors, 2):
+        for key in tensors[a].keys() & tensors[b].keys():
+            x, y = tensors[a][key], tensors[b][key]
+            assert (x.dtype, x.shape) == (y.dtype, y.shape) and torch.equal(x, y), f"{key}: {a} vs {b}"
 
 
 def _kv_buffers(module):

@@ -33,7 +33,6 @@ import math
 import sympy
 import torch
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
@@ -42,6 +41,7 @@ from torch.export.graph_signature import (
     InputSpec,
     TensorArgument,
 )
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import bound_sympy
 

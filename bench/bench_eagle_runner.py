@@ -6,8 +6,8 @@ function of the mean accepted length.
     python bench/bench_eagle_runner.py time --runner .runner/eagle_runner --dir out/eagle-llama
 
 `export` writes the EAGLE program of export/export_eagle.py with Llama 3 8B shapes (random weights,
---layers target layers, int4 gs 32) plus `target_decode`, the target over one token (M = 1: plain
-decoding), sharing the target's weights and KV cache. `time` runs eagle_runner on one random prompt:
+--layers target layers, int4 gs 32) with its `target_decode` method (ExportOptions.target_decode:
+the target over one token, M = 1, plain decoding). `time` runs eagle_runner on one random prompt:
 greedy over target_decode (plain decoding), greedy over target_verify (the reference tokens), then
 speculative decoding with the program's draft and with drafts forced to accept a = 0..chain_len
 tokens per verify (the weights are random, so the real draft is almost never right); without and
@@ -25,30 +25,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions
 from et_int4.runtime.eagle_runner import EagleRun, Report, parse_reports
 from et_int4.runtime.runner import runner_env
 
-DECODE_METHOD = "target_decode"
 CONFIG_FILE = "bench_config.json"
 GRAPH_METHODS = ("target_verify", "draft_decode", DECODE_METHOD)
 PROMPT_LEN = 16
 NEW_TOKENS = 128
 
 
-def export(args) -> int:
-    import torch
-    from et_int4 import rewrite_int4_linears
-    from et_int4.export.export_eagle import ExportOptions, constant_methods, export_eagle, lower_to_executorch
-    from et_int4.export.models import MethodModule
+def export_options(args) -> ExportOptions:
+    return ExportOptions(config="llama3-8b", chain_len=args.chain_len, matvec_max_m=args.chain_len + 1,
+                         max_seq_len=args.max_seq_len, n_layers=args.layers, target_decode=True)
 
-    opts = ExportOptions(config="llama3-8b", chain_len=args.chain_len, matvec_max_m=args.chain_len + 1,
-                         max_seq_len=args.max_seq_len, n_layers=args.layers)
-    eagle = export_eagle(opts)
-    with torch.no_grad():
-        decode = torch.export.export(MethodModule(eagle.model, "target_verify"),
-                                     (torch.zeros(1, 1, dtype=torch.long), torch.arange(1)))
-    programs = {**eagle.programs, DECODE_METHOD: rewrite_int4_linears(decode, matvec_max_m=opts.matvec_max_m)}
-    files = lower_to_executorch(programs, constant_methods(opts), args.dir)
+
+def export(args, opts: ExportOptions) -> int:
+    import torch
+    from et_int4.export.export_eagle import constant_methods, export_eagle, lower_to_executorch
+
+    files = lower_to_executorch(export_eagle(opts).programs, constant_methods(opts), args.dir)
     (args.dir / CONFIG_FILE).write_text(json.dumps(
         {"layers": args.layers, "chain_len": args.chain_len, "max_seq_len": args.max_seq_len,
          "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
@@ -120,9 +116,13 @@ def main(argv=None) -> int:
     tm.add_argument("--runner", type=Path, required=True, help=".runner/eagle_runner")
     tm.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.step == "export" and args.layers < 2:
-        parser.error("--layers must be at least 2 (EAGLE-3 taps layers 1 .. layers - 1)")
-    return export(args) if args.step == "export" else time_all(args)
+    if args.step == "time":
+        return time_all(args)
+    try:
+        opts = export_options(args)
+    except ValueError as error:  # the model's own checks: --layers is the only flag that can fail them
+        parser.error(f"--layers {args.layers}: {error}")
+    return export(args, opts)
 
 
 if __name__ == "__main__":

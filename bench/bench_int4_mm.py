@@ -83,24 +83,35 @@ def copies_for(nbytes: int) -> int:
     return max(2, math.ceil(ROTATION_BYTES / nbytes))
 
 
+HARNESS = Path(__file__).resolve().parent / "executorch_harness"
+
+
+def harness_build(header: Path, harness: Path = HARNESS) -> tuple[list[str], str]:
+    """The nvcc command (less its output) that builds the harness over ``header``, and the key its library
+    is cached under: a hash of the command and of every file the build reads, so that any edit rebuilds."""
+    stubs = harness / "stubs"
+    command = ["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC",
+               "-I", str(stubs), f'-DET_INT4_EXECUTORCH_CUH="{header}"', str(harness / "harness.cu")]
+    digest = hashlib.sha256("\0".join(command).encode())
+    for path in [header, harness / "harness.cu", *sorted(p for p in stubs.rglob("*") if p.is_file())]:
+        digest.update(f"\0{path}\0".encode() + path.read_bytes())  # the name too: a stub may be renamed
+    return command, digest.hexdigest()[:16]
+
+
 class ExecuTorchKernels:
     """ExecuTorch's int4_plain_mm.cuh from a source checkout, built with our harness and stub headers."""
 
     HEADER = "backends/cuda/runtime/shims/int4_plain_mm.cuh"
-    HARNESS = Path(__file__).resolve().parent / "executorch_harness"
     SUPER_BLOCK = 256  # its per-256 scale and zero steps
 
     def __init__(self, source: str):
         header = Path(source).resolve() / self.HEADER
         if not header.is_file():
             raise FileNotFoundError(f"{header} does not exist: --executorch-src must name an ExecuTorch checkout")
-        harness = self.HARNESS / "harness.cu"
-        key = hashlib.sha256(header.read_bytes() + harness.read_bytes()).hexdigest()[:16]
+        command, key = harness_build(header)
         lib = Path(tempfile.gettempdir()) / f"et_int4_executorch_harness_{key}.so"
         if not lib.is_file():
-            subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC",
-                            "-I", str(self.HARNESS / "stubs"), f'-DET_INT4_EXECUTORCH_CUH="{header}"',
-                            str(harness), "-o", str(lib)], check=True)
+            subprocess.run([*command, "-o", str(lib)], check=True)
         self.lib = ctypes.CDLL(str(lib))
         self.lib.et_harness_q8_bytes.restype = ctypes.c_size_t
         self.lib.et_harness_int4_mm.restype = ctypes.c_int

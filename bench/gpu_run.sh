@@ -31,6 +31,45 @@ run() {  # run STEP COMMAND...: log to $out/STEP.log, print its tail
   echo "== $step: exit $rc in $((SECONDS - start)) s"; tail -n 25 "$out/$step.log"
   [ $rc -eq 0 ] || status=1
 }
+# Steps of several commands. A ( ) body runs in a subshell, so `set -e` ends the step, not this script;
+# paths stay quoted words (no command string is parsed again).
+library() { python3 -c 'import et_int4.runtime as r; print(r.library_path())'; }
+runner_latency() (  # the stock runner with the library preloaded; the linked one, plain and with options
+  set -e
+  local lib files linked
+  lib=$(library)
+  files=(--pte "$eagle/eagle.pte" --ptd "$eagle/aoti_cuda_blob.ptd" --methods "prefill,target_verify,draft_decode")
+  linked=(python3 bench/runner_latency.py --runner "$runners/executor_runner_et_int4" "${files[@]}")
+  python3 bench/runner_latency.py --runner "$runners/executor_runner" --preload "$lib" "${files[@]}" \
+    --label 'executor_runner + LD_PRELOAD'
+  "${linked[@]}" --label 'linked' | tail -n +3
+  "${linked[@]}" --label 'linked, shared stream' -- --shared_cuda_stream | tail -n +3
+  "${linked[@]}" --label 'linked, CUDA graph' -- --cuda_graph_methods=prefill,target_verify,draft_decode | tail -n +3
+)
+runner_sanitizer() (  # memcheck over each method of the kept program, library preloaded
+  set -e
+  local lib ldpath m
+  lib=$(library)
+  ldpath=$(python3 -c 'from et_int4.runtime.runner import runner_env; print(runner_env().get("LD_LIBRARY_PATH", ""))')
+  for m in prefill target_verify draft_decode; do
+    echo "== $m"
+    LD_LIBRARY_PATH=$ldpath compute-sanitizer --error-exitcode=9 env LD_PRELOAD="$lib" \
+      "$runners/executor_runner" --model_path="$eagle/eagle.pte" --data_path="$eagle/aoti_cuda_blob.ptd" \
+      --method_name="$m" --print_output=none
+  done
+)
+runner_ratio() (  # verify (8 tokens) against decode (1 token), 2 layers of Llama 3 8B shapes + lm_head
+  set -e
+  local linked
+  linked=(python3 bench/runner_latency.py --runner "$runners/executor_runner_et_int4" --pte out/runner-llama/verify_decode.pte
+          --ptd out/runner-llama/aoti_cuda_blob.ptd --methods "decode,verify" --ratio verify/decode)
+  python3 bench/bench_eagle_verify.py --layers 2 --pte out/runner-llama
+  "${linked[@]}" --label linked
+  "${linked[@]}" --label 'linked, CUDA graph' -- --cuda_graph_methods=decode,verify
+)
+eagle_llama_time() {  # per-call times and the speedup table, into $out/eagle_llama.md
+  python3 bench/bench_eagle_runner.py time --runner "$runners/eagle_runner" --dir out/eagle-llama | tee "$out/eagle_llama.md"
+}
 for step in "$@"; do
   case $step in
     build)
@@ -49,37 +88,15 @@ for step in "$@"; do
     verify) run verify python3 bench/bench_eagle_verify.py ;;
     runner) run runner env ET_INT4_EXECUTOR_RUNNER="$runners/executor_runner" ET_INT4_RUNNER_WORKDIR="$eagle" \
       python3 -m pytest -m cuda -v -p no:cacheprovider tests/test_runner_e2e.py ;;
-    runner_latency)  # the stock runner with the library preloaded; the linked one, plain and with options
-      lib=$(python3 -c 'import et_int4.runtime as r; print(r.library_path())')
-      files=(--pte "$eagle/eagle.pte" --ptd "$eagle/aoti_cuda_blob.ptd" --methods prefill,target_verify,draft_decode)
-      run runner_latency bash -c "set -eo pipefail
-        python3 bench/runner_latency.py --runner $runners/executor_runner --preload $lib ${files[*]} --label 'executor_runner + LD_PRELOAD'
-        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked' | tail -n +3
-        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, shared stream' -- --shared_cuda_stream | tail -n +3
-        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=prefill,target_verify,draft_decode | tail -n +3"
-      ;;
-    runner_sanitizer)  # memcheck over each method of the kept program, library preloaded
-      lib=$(python3 -c 'import et_int4.runtime as r; print(r.library_path())')
-      ldpath=$(python3 -c 'from et_int4.runtime.runner import runner_env; print(runner_env().get("LD_LIBRARY_PATH", ""))')
-      run runner_sanitizer bash -c "set -e; for m in prefill target_verify draft_decode; do echo == \$m
-        LD_LIBRARY_PATH=$ldpath compute-sanitizer --error-exitcode=9 env LD_PRELOAD=$lib \
-          $runners/executor_runner --model_path=$eagle/eagle.pte --data_path=$eagle/aoti_cuda_blob.ptd \
-          --method_name=\$m --print_output=none; done" ;;
-    runner_ratio)  # verify (8 tokens) against decode (1 token), 2 layers of Llama 3 8B shapes + lm_head
-      files=(--pte out/runner-llama/verify_decode.pte --ptd out/runner-llama/aoti_cuda_blob.ptd --methods decode,verify --ratio verify/decode)
-      run runner_ratio bash -c "set -e
-        python3 bench/bench_eagle_verify.py --layers 2 --pte out/runner-llama
-        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label linked
-        python3 bench/runner_latency.py --runner $runners/executor_runner_et_int4 ${files[*]} --label 'linked, CUDA graph' -- --cuda_graph_methods=decode,verify"
-      ;;
+    runner_latency) run runner_latency runner_latency ;;
+    runner_sanitizer) run runner_sanitizer runner_sanitizer ;;
+    runner_ratio) run runner_ratio runner_ratio ;;
     eagle_runner)  # the EAGLE loop on the tiny program: speculative == greedy tokens
       run eagle_runner env ET_INT4_EAGLE_RUNNER="$runners/eagle_runner" ET_INT4_EAGLE_WORKDIR="$PWD/out/eagle-tiny" \
         python3 -m pytest -m cuda -v -p no:cacheprovider tests/test_eagle_runner.py ;;
     eagle_llama_export)
       run eagle_llama_export python3 bench/bench_eagle_runner.py export --layers "${EAGLE_LAYERS:-4}" --dir out/eagle-llama ;;
-    eagle_llama_time)  # per-call times and the speedup table, into $out/eagle_llama.md
-      run eagle_llama_time bash -c "set -o pipefail
-        python3 bench/bench_eagle_runner.py time --runner $runners/eagle_runner --dir out/eagle-llama | tee $out/eagle_llama.md" ;;
+    eagle_llama_time) run eagle_llama_time eagle_llama_time ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -8,15 +8,15 @@ set -uo pipefail
 out=$1; shift
 shapes=${SWEEP_SHAPES:-4096x4096 4096x14336 14336x4096 5376x21504 21504x5376}
 name_of() { echo "${1:-default}" | tr ' =' '_-'; }
-# Build every variant at once, each with the project's own build (CMakeLists.txt: SHIM_GEMM_MAX_M and
-# the other options) plus its definitions for the CUDA sources, in a fresh folder so that no cached
-# definitions carry over; then time them one by one.
+# Build every variant at once, each with the project's own build (CMakeLists.txt: SHIM_GEMM_MAX_M, the
+# other options and -warn-spills, whose report is counted below) plus its definitions for the CUDA
+# sources, in a fresh folder so that no cached definitions carry over; then time them one by one.
 for variant in "$@"; do
   dir=/tmp/variant_$(name_of "$variant")
   defines=$(for d in $variant; do printf -- '-D%s ' "$d"; done)
   rm -rf "$dir"
   { cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-      -DCMAKE_CUDA_FLAGS="$defines -Xptxas -warn-spills" && cmake --build "$dir" -j 4; } \
+      -DCMAKE_CUDA_FLAGS="$defines" && cmake --build "$dir" -j 4; } \
     > "$out/build_$(name_of "$variant").log" 2>&1 &
 done
 wait

@@ -9,6 +9,8 @@ Methods, sharing the target's weights and KV cache:
   draft_decode   tokens [1, 1], input_pos [1], target_hidden [1, 1, 3 * dim],
                  draft_hidden [1, 1, dim], from_target [1] bool
                  -> logits [1, 1, V], hidden [1, 1, dim]            linears -> et_int4_plain_mm
+  target_decode  (with --target-decode) tokens [1, 1], input_pos [1]: plain decoding, the target
+                 over one token -> logits, taps                     linears -> et_int4_plain_mm
 plus constant methods get_matvec_max_m, get_shim_gemm_max_m, get_chain_len, get_max_seq_len and
 get_min_prefill_len.
 
@@ -48,7 +50,8 @@ from ..backends.cuda.int4.packing import check_group_size
 from ..passes.rewrite_int4 import explain_int4_linears, rewrite_int4_linears
 from .models import CONFIGS, MethodModule, ModelArgs, build_model, quantize_int4, with_layers
 
-METHODS = ("prefill", "target_verify", "draft_decode")
+METHODS = ("prefill", "target_verify", "draft_decode")  # every export has these
+DECODE_METHOD = "target_decode"  # ExportOptions.target_decode adds it
 PTE_NAME = "eagle.pte"
 
 
@@ -62,6 +65,14 @@ class ExportOptions:
     seed: int = 0
     n_layers: int | None = None  # None: the config's
     rewrite: bool = True  # False: every int4 linear stays dequantize + linear (a baseline)
+    target_decode: bool = False  # True: also DECODE_METHOD, the target over one token (plain decoding)
+
+    def __post_init__(self):
+        self.model_args  # built now, so that a bad n_layers fails here, not minutes into an export
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (*METHODS, DECODE_METHOD) if self.target_decode else METHODS
 
     @property
     def model_args(self) -> ModelArgs:
@@ -90,7 +101,7 @@ class EagleExport:
     model: torch.nn.Module  # the quantized eager model the programs were exported from
     exported: dict[str, ExportedProgram]  # as torch.export produced them
     programs: dict[str, ExportedProgram]  # after rewrite_int4_linears
-    summary: list[MethodSummary]
+    summary: list[MethodSummary]  # empty without rewrite
 
 
 def _step(message: str):
@@ -110,13 +121,15 @@ def example_inputs(opts: ExportOptions):
 
     prefill_len = torch.export.Dim("prefill_len", min=opts.min_prefill_len, max=args.max_seq_len)
     hidden = torch.zeros(1, 1, args.dim, dtype=torch.bfloat16)
-    return {
+    inputs = {
         "prefill": (tokens_and_positions(args.max_seq_len),
                     (({1: prefill_len}, {0: prefill_len}),)),
         "target_verify": (tokens_and_positions(opts.chain_len + 1), None),
         "draft_decode": (
             (*tokens_and_positions(1), hidden.repeat(1, 1, 3), hidden, torch.tensor([True])), None),
+        DECODE_METHOD: (tokens_and_positions(1), None),
     }
+    return {name: inputs[name] for name in opts.methods}
 
 
 def export_eagle(opts: ExportOptions) -> EagleExport:
@@ -132,17 +145,21 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
             exported[name] = torch.export.export(
                 MethodModule(model, name), inputs, dynamic_shapes=dynamic_shapes)
             done()
-    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm" if opts.rewrite
-                 else "Leaving every int4 linear as dequantize + linear (no rewrite)")
+    if not opts.rewrite:
+        # No routing decisions to make: explaining them would only be thrown away (and could fail on
+        # a dynamic M that straddles the limit, which concerns routing alone).
+        print("Leaving every int4 linear as dequantize + linear (no rewrite)", flush=True)
+        return EagleExport(model, exported, dict(exported), [])
+    done = _step(f"Routing int4 linears with M <= {opts.matvec_max_m} to et_int4_plain_mm")
     summary = []
     for name, ep in exported.items():
         decisions = explain_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
         summary.append(MethodSummary(
             name,
-            routed=tuple(d.name for d in decisions if d.routed and opts.rewrite),
-            kept=tuple(d.name for d in decisions if not (d.routed and opts.rewrite)),
+            routed=tuple(d.name for d in decisions if d.routed),
+            kept=tuple(d.name for d in decisions if not d.routed),
         ))
-        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m) if opts.rewrite else ep
+        programs[name] = rewrite_int4_linears(ep, matvec_max_m=opts.matvec_max_m)
     done()
     return EagleExport(model, exported, programs, summary)
 
@@ -197,12 +214,13 @@ def lower_to_executorch(programs: dict[str, ExportedProgram], constants: dict, o
 
 
 def write_program(program, output_dir: Path, pte_name: str = PTE_NAME) -> list[Path]:
-    """Write an ExecutorchProgramManager's .pte (as ``pte_name``) and .ptd files into ``output_dir``,
-    all or none.
+    """Write an ExecutorchProgramManager's .pte (as ``pte_name``) and .ptd files into ``output_dir``.
 
     Each file is written under a temporary name (in a staging folder inside ``output_dir``, so on the
-    same file system) and renamed into place only once all are written: a failure on the way leaves
-    an earlier export's pair as it was, never a new .pte beside an old .ptd. Returns the .pte first.
+    same file system); only once all are written are they renamed into place, the .ptd files first
+    and the .pte last. A failure while writing leaves an earlier export as it was. The renames are
+    not atomic together: a failure between them (rare: a rename within one folder) can leave new
+    .ptd files beside the old .pte, which the next successful export replaces. Returns the .pte first.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{pte_name}.", dir=output_dir) as staging:
@@ -229,6 +247,9 @@ def check_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> None:
 
 
 def print_summary(summary: list[MethodSummary]) -> None:
+    if not summary:
+        print("Linears per method: not routed (--no-rewrite), every int4 linear stays dequant + linear")
+        return
     print("Linears per method:")
     width = max(len(s.name) for s in summary)
     for s in summary:
@@ -263,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-rewrite", action="store_true",
                         help="leave every int4 linear as dequantize + linear: the baseline without "
                              "et_int4_plain_mm")
+    parser.add_argument("--target-decode", action="store_true",
+                        help=f"also export {DECODE_METHOD}: the target over one token (plain decoding, "
+                             f"M = 1), sharing the target's weights and KV cache; eagle_runner "
+                             f"--mode=greedy --decode_method={DECODE_METHOD} runs it")
     parser.add_argument("--dry-run", action="store_true",
                         help="stop after routing and the summary; needs no GPU")
     return parser
@@ -294,10 +319,11 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
             check_group_size(ns.group_size, k)
         except ValueError as error:
             parser.error(f"--group-size {ns.group_size}: {error} ({name} of --config {ns.config})")
-    if ns.n_layers is not None and ns.n_layers < 2:
-        parser.error(f"--n-layers {ns.n_layers} must be at least 2 (EAGLE-3 taps layers 1 .. n - 1)")
-    opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
-                         ns.n_layers, not ns.no_rewrite)
+    try:
+        opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
+                             ns.n_layers, not ns.no_rewrite, ns.target_decode)
+    except ValueError as error:  # the model's own checks: the layer count is the only flag that can fail them
+        parser.error(f"--n-layers {ns.n_layers}: {error}")
     max_seq_len = opts.model_args.max_seq_len
     if max_seq_len <= opts.min_prefill_len:
         parser.error(f"--max-seq-len {max_seq_len} leaves no range for prefill, which starts at "

@@ -57,7 +57,7 @@ def with_layers(args: ModelArgs, n_layers: int) -> ModelArgs:
     """``args`` with ``n_layers`` decoder layers (a quicker model of the same layer shapes), EAGLE-3's
     taps at its first, middle and last layer."""
     if n_layers < 2:
-        raise ValueError(f"n_layers must be at least 2 (EAGLE-3 taps layers 1..n_layers-1), got {n_layers}")
+        raise ValueError(f"EAGLE-3 taps layers 1 .. n_layers - 1, so n_layers must be at least 2, got {n_layers}")
     return dataclasses.replace(args, n_layers=n_layers, eagle_layers=(1, n_layers // 2, n_layers - 1))
 
 
@@ -169,12 +169,11 @@ class Target(nn.Module):
 
     def forward(self, h, input_pos):
         cos, sin = rope_angles(input_pos, self.args.head_dim, self.args.rope_theta)
-        taps = []
-        for i, layer in enumerate(self.layers):
-            if i in self.args.eagle_layers:
-                taps.append(h)
+        inputs = []  # each layer's input; a layer tapped twice (few layers) gives both taps
+        for layer in self.layers:
+            inputs.append(h)
             h = layer(h, input_pos, cos, sin)
-        return self.output(self.norm(h)), torch.cat(taps, dim=-1)
+        return self.output(self.norm(h)), torch.cat([inputs[i] for i in self.args.eagle_layers], dim=-1)
 
 
 class EagleDraft(nn.Module):
@@ -221,8 +220,10 @@ class EagleModel(nn.Module):
         """tokens [1, T], input_pos [T] -> (logits [1, T, V], taps [1, T, 3 * dim])."""
         return self.target(self.tok_embeddings(tokens), input_pos)
 
-    # The same computation, exported for a static chain_len + 1 tokens (which the pass routes).
+    # The same computation, exported for a static chain_len + 1 tokens (which the pass routes), and
+    # optionally for one token: plain decoding, the baseline speculative decoding is measured against.
     target_verify = prefill
+    target_decode = prefill
 
     def draft_decode(self, tokens, input_pos, target_hidden, draft_hidden, from_target):
         """One draft step.
@@ -242,6 +243,7 @@ class EagleModel(nn.Module):
 METHOD_PARTS = {
     "prefill": ("tok_embeddings", "target"),
     "target_verify": ("tok_embeddings", "target"),
+    "target_decode": ("tok_embeddings", "target"),
     "draft_decode": ("tok_embeddings", "draft"),
 }
 

@@ -35,6 +35,8 @@ class EagleRun:
             raise ValueError(f"mode {self.mode!r}: expected 'speculative' or 'greedy'")
         if (self.prompts_file is None) == (not self.prompt):
             raise ValueError("give exactly one of prompt and prompts_file")
+        if self.repeat < 1:
+            raise ValueError(f"repeat {self.repeat} must be at least 1")
         if self.forced_accept and self.reference_file is None:
             raise ValueError("forced_accept needs reference_file (the prompts' reference continuations)")
         flags = [f"--model_path={self.model_path}", f"--max_new_tokens={self.max_new_tokens}",

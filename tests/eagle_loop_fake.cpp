@@ -6,8 +6,12 @@
 // guesses the target's next token with a given accuracy, and checks that it gets the taps of the
 // last accepted position (first step) or its own previous hidden state.
 //
-// Usage: eagle_loop_fake key=value ...  (keys: see `Args`); prints eagle_loop's report.
+// Usage: eagle_loop_fake key=value ...  (keys: see main); prints eagle_loop's reports as
+// eagle_runner does (run_batch). abort_after_calls=N aborts the process at the N-th method call,
+// as a crashing runtime would.
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -40,10 +44,15 @@ constexpr int64_t kTaps = 1, kHidden = 2;
 
 class FakeMethods : public et_int4::eagle::Methods {
  public:
-  FakeMethods(const et_int4::eagle::Shape& shape, double accuracy, uint64_t seed)
-      : shape_(shape), accuracy_(accuracy), seed_(seed), cache_(shape.max_seq_len, kEmpty) {}
+  FakeMethods(const et_int4::eagle::Shape& shape, double accuracy, uint64_t seed, int64_t abort_after_calls)
+      : shape_(shape), accuracy_(accuracy), seed_(seed), abort_after_calls_(abort_after_calls),
+        cache_(shape.max_seq_len, kEmpty) {}
 
-  Forward prefill(const std::vector<int64_t>& tokens) override { return target(tokens, 0); }
+  Forward prefill(const std::vector<int64_t>& tokens) override {
+    // A new sequence: what an earlier prompt left in the cache must not be read.
+    std::fill(cache_.begin(), cache_.end(), kEmpty);
+    return target(tokens, 0);
+  }
   Forward verify(const std::vector<int64_t>& tokens, int64_t start) override {
     if (static_cast<int64_t>(tokens.size()) != shape_.chain_len + 1) {
       throw std::runtime_error("verify got " + std::to_string(tokens.size()) + " tokens");
@@ -58,6 +67,7 @@ class FakeMethods : public et_int4::eagle::Methods {
   }
 
   Forward draft(int64_t token, int64_t position, const std::vector<uint8_t>& features, bool from_target) override {
+    count_call();
     if (features != feature(position - 1, from_target ? kTaps : kHidden)) {
       throw std::runtime_error("draft step at position " + std::to_string(position) + " got the features of another "
                                "position or model");
@@ -73,7 +83,14 @@ class FakeMethods : public et_int4::eagle::Methods {
   }
 
  private:
+  void count_call() {
+    if (++calls_ == abort_after_calls_) {
+      std::abort();
+    }
+  }
+
   Forward target(const std::vector<int64_t>& tokens, int64_t start) {
+    count_call();
     const int64_t end = start + static_cast<int64_t>(tokens.size());
     if (start < 0 || end > shape_.max_seq_len) {
       throw std::runtime_error("a forward at positions " + std::to_string(start) + ".." + std::to_string(end - 1) +
@@ -110,6 +127,7 @@ class FakeMethods : public et_int4::eagle::Methods {
   et_int4::eagle::Shape shape_;
   double accuracy_;
   uint64_t seed_;
+  int64_t abort_after_calls_, calls_ = 0;
   std::vector<int64_t> cache_;
   std::vector<int64_t> draft_context_;
 };
@@ -121,7 +139,10 @@ int main(int argc, char** argv) {
       {"chain_len", "7"}, {"max_seq_len", "128"}, {"min_prefill_len", "9"}, {"vocab_size", "50"},
       {"decode_window", "0"},  // 0: chain_len + 1, as target_verify
       {"accuracy", "0.7"}, {"seed", "1"}, {"mode", "speculative"}, {"max_new_tokens", "64"}, {"eos_id", "-1"},
-      {"prompt", "1 2 3"}, {"forced_accept", ""}, {"reference", ""}};
+      {"prompt", "1 2 3"}, {"forced_accept", ""}, {"reference", ""},
+      // as eagle_runner's flags: instead of prompt and reference, one line per prompt
+      {"prompts_file", ""}, {"reference_file", ""}, {"repeat", "1"},
+      {"abort_after_calls", "0"}};  // 0: never
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
@@ -145,11 +166,19 @@ int main(int argc, char** argv) {
     options.max_new_tokens = std::stoll(args["max_new_tokens"]);
     options.eos_id = std::stoll(args["eos_id"]);
     options.forced_accept = et_int4::eagle::parse_tokens(args["forced_accept"]);
-    options.reference = et_int4::eagle::parse_tokens(args["reference"]);
-    FakeMethods methods(shape, std::stod(args["accuracy"]), std::stoull(args["seed"]));
-    const auto prompt = et_int4::eagle::parse_tokens(args["prompt"]);
-    const auto generation = et_int4::eagle::generate(methods, shape, prompt, options);
-    et_int4::eagle::print_report(std::cout, generation, shape, 0, 0, prompt.size());
+    et_int4::eagle::Batch batch;
+    batch.prompts = args["prompts_file"].empty()
+                        ? std::vector<std::vector<int64_t>>{et_int4::eagle::parse_tokens(args["prompt"])}
+                        : et_int4::eagle::read_token_lines(args["prompts_file"], "prompts_file");
+    if (!args["reference_file"].empty()) {
+      batch.references = et_int4::eagle::read_token_lines(args["reference_file"], "reference_file");
+    } else if (!args["reference"].empty()) {
+      batch.references = {et_int4::eagle::parse_tokens(args["reference"])};
+    }
+    batch.repeat = std::stoll(args["repeat"]);
+    FakeMethods methods(shape, std::stod(args["accuracy"]), std::stoull(args["seed"]),
+                        std::stoll(args["abort_after_calls"]));
+    et_int4::eagle::run_batch(methods, shape, batch, options, std::cout);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << '\n';
     return 1;

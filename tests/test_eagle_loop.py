@@ -127,7 +127,7 @@ def test_a_full_kv_cache_stops_without_overrunning_it(fake):
     (dict(prompt=[50]), "outside the vocabulary [0, 50)"),
     (dict(prompt=[]), "the prompt is empty"),
     (dict(prompt=[1], forced_accept=[8], reference=[1]), "forced_accept 8 must lie in 0..chain_len (7)"),
-    (dict(prompt=[1], forced_accept=[1]), "forced_accept needs the reference"),
+    (dict(prompt=[1], forced_accept=[1]), "forced_accept needs reference_file"),
     (dict(prompt=[1], max_new_tokens=0), "max_new_tokens must be at least 1"),
     (dict(prompt=[1, 2, 3], max_seq_len=2, min_prefill_len=1, chain_len=1), "more than the program's max_seq_len 2"),
     (dict(prompt=[1], chain_len=0), "a chain needs at least 1 draft"),
@@ -135,6 +135,85 @@ def test_a_full_kv_cache_stops_without_overrunning_it(fake):
 ])
 def test_bad_input_is_refused_with_what_was_expected(fake, args, message):
     assert message in failure(fake, **args)
+
+
+def write_lines(path: Path, lines: list[list[int]]) -> Path:
+    path.write_text("".join(" ".join(map(str, line)) + "\n" for line in lines))
+    return path
+
+
+def test_prompts_and_references_from_files_repeat_every_prompt(fake, tmp_path):
+    prompts = [[4, 5], [9, 1, 7], [3]]
+    greedy = [run(fake, mode="greedy", prompt=p, max_new_tokens=30).tokens for p in prompts]
+    args = dict(prompts_file=write_lines(tmp_path / "p.txt", prompts), max_new_tokens=22, forced_accept="2,5")
+    result = subprocess.run([str(fake), *(f"{k}={v}" for k, v in args.items()), "repeat=2",
+                             f"reference_file={write_lines(tmp_path / 'r.txt', greedy)}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    reports = parse_reports(result.stdout)
+    assert [(r.run, r.prompt) for r in reports] == [(r, p) for r in range(2) for p in range(3)]
+    for report in reports:
+        assert report.tokens == greedy[report.prompt][:22]
+        assert {a for a, n in report.histogram.items() if n} == {2, 5}
+
+
+def test_a_reference_file_needs_one_line_per_prompt_with_or_without_forced_drafts(fake, tmp_path):
+    prompts = write_lines(tmp_path / "p.txt", [[4, 5], [9, 1, 7]])
+    reference = write_lines(tmp_path / "r.txt", [list(range(40))])
+    for forced in ([], [1]):
+        message = failure(fake, prompts_file=prompts, reference_file=reference, forced_accept=forced)
+        assert "reference_file has 1 line(s) for 2 prompt(s): give one reference line per prompt" in message
+
+
+def test_a_reference_shorter_than_the_forced_drafts_read_is_refused_before_any_work(fake, tmp_path):
+    prompts = [[4, 5], [9, 1, 7]]
+    greedy = [run(fake, mode="greedy", prompt=p, max_new_tokens=30).tokens for p in prompts]
+    # 20 new tokens, drafts forced to accept up to 3 of chain_len 7: the last speculation starts
+    # at most 18 tokens after the first and reads 3 + 1 reference tokens beyond it.
+    needed = 18 + 4 + 1
+    args = dict(prompts_file=write_lines(tmp_path / "p.txt", prompts), max_new_tokens=20, forced_accept=[3, 0])
+    assert run(fake, prompt=prompts[1], reference=greedy[1][:needed], max_new_tokens=20,
+               forced_accept=[3, 0]).tokens == greedy[1][:20]
+    short = write_lines(tmp_path / "r.txt", [greedy[0], greedy[1][:needed - 1]])
+    message = failure(fake, reference_file=short, abort_after_calls=1, **args)
+    assert (f"prompt 1: the reference has {needed - 1} tokens, but the forced drafts of 20 new tokens read up "
+            f"to {needed}") in message
+    # Without forced drafts nothing reads the references: any length will do.
+    assert run(fake, prompt=prompts[1], reference=[1], max_new_tokens=20).tokens == greedy[1][:20]
+
+
+def test_a_reference_need_not_reach_past_a_full_kv_cache(fake):
+    prompt = [1, 2, 3]
+    greedy = run(fake, mode="greedy", prompt=prompt, max_seq_len=40, max_new_tokens=500, decode_window=1).tokens
+    # Speculations start while n + chain_len + 1 <= 40, n = 3 + generated: generated <= 29,
+    # and read up to chain_len tokens beyond it.
+    assert len(greedy) > 37
+    spec = run(fake, prompt=prompt, max_seq_len=40, max_new_tokens=500, forced_accept=[7], reference=greedy[:37])
+    assert spec.stop == "kv_cache_full" and spec.tokens == greedy[:len(spec.tokens)]
+    assert "read up to 37" in failure(fake, prompt=prompt, max_seq_len=40, max_new_tokens=500, forced_accept=[7],
+                                      reference=greedy[:36])
+
+
+@pytest.mark.parametrize("repeat", [0, -1])
+def test_repeat_below_one_is_refused(fake, repeat):
+    assert f"repeat must be at least 1, got {repeat}" in failure(fake, repeat=repeat, abort_after_calls=1)
+
+
+def test_a_prompts_file_without_prompts_is_refused(fake, tmp_path):
+    empty = tmp_path / "p.txt"
+    empty.write_text("\n  \n")
+    assert "no prompt given" in failure(fake, prompts_file=empty)
+
+
+def test_reports_printed_before_a_crash_reach_the_pipe(fake, tmp_path):
+    """Each report is flushed: a runtime that crashes on a later prompt keeps the earlier ones."""
+    prompts = write_lines(tmp_path / "p.txt", [[4, 5], [9, 1, 7]])
+    # Greedy: 1 prefill + 4 decode calls per prompt of 5 new tokens; abort in the second prompt.
+    result = subprocess.run([str(fake), f"prompts_file={prompts}", "mode=greedy", "max_new_tokens=5",
+                             "abort_after_calls=7"], capture_output=True, text=True)
+    assert result.returncode < 0  # killed by SIGABRT
+    [report] = parse_reports(result.stdout)
+    assert report.prompt == 0 and len(report.tokens) == 5
 
 
 def test_run_flags():
@@ -151,6 +230,7 @@ def test_run_flags():
     (dict(prompt=[1], prompts_file=Path("p")), "exactly one of prompt and prompts_file"),
     (dict(prompt=[1], mode="beam"), "expected 'speculative' or 'greedy'"),
     (dict(prompt=[1], forced_accept=[0]), "forced_accept needs reference_file"),
+    (dict(prompt=[1], repeat=0), "repeat 0 must be at least 1"),
 ])
 def test_run_flags_refuse_bad_combinations(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -179,17 +259,18 @@ def test_reports_parse_with_log_lines_between_and_refuse_a_truncated_one():
 
 @requires_runner(RUNNER_ENV, "eagle_runner", "eagle_runner")
 def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
-    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the report) on CPU:
-    the tiny EAGLE program lowered to ExecuTorch's portable ops, without int4 weights. Such a program
-    keeps a KV cache per method, so this checks the plumbing, not the numbers: speculative and greedy
-    decoding still agree, and forced drafts are accepted as forced."""
+    """eagle_runner's ExecuTorch side (Module, constant methods, shapes, dtypes, the methods each
+    mode loads, the report) on CPU: the tiny EAGLE program with target_decode lowered to ExecuTorch's
+    portable ops, without int4 weights. Such a program keeps a KV cache per method, so this checks
+    the plumbing, not the numbers: speculative and greedy decoding still agree, and forced drafts
+    are accepted as forced."""
     import torch
-    from et_int4.export.export_eagle import ExportOptions, example_inputs
+    from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions, example_inputs
     from et_int4.export.models import MethodModule, build_model
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64)
+    options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64, target_decode=True)
     model = build_model(options.model_args)
     with torch.no_grad():
         programs = {name: torch.export.export(MethodModule(model, name), inputs, dynamic_shapes=dynamic)
@@ -204,20 +285,37 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("5 6 7\n1 2 3 4 5 6 7 8 9 10 11\n")
 
-    def reports(max_new_tokens, **kwargs):
-        flags = EagleRun(pte, prompts_file=prompts, max_new_tokens=max_new_tokens, **kwargs).flags()
-        result = subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
-                                timeout=600)
+    def runner(**kwargs):
+        flags = EagleRun(pte, prompts_file=prompts, **kwargs).flags()
+        return subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
+                              timeout=600)
+
+    def reports(max_new_tokens, loads, **kwargs):
+        result = runner(max_new_tokens=max_new_tokens, **kwargs)
         assert result.returncode == 0, result.stderr[-4000:]
+        header = next(line for line in result.stdout.splitlines() if line.startswith("eagle_runner: "))
+        assert header.endswith(", loaded " + " ".join(loads)), header
         return parse_reports(result.stdout)
 
-    greedy = reports(24, mode="greedy")
+    greedy = reports(24, ["prefill", "target_verify"], mode="greedy")
     reference = tmp_path / "reference.txt"
     reference.write_text("".join(" ".join(map(str, r.tokens)) + "\n" for r in greedy))
     assert [len(r.tokens) for r in greedy] == [24, 24]
-    for report in reports(20):
+    assert [len(r.tokens) for r in reports(24, ["prefill", DECODE_METHOD], mode="greedy",
+                                           decode_method=DECODE_METHOD)] == [24, 24]
+    speculative = ["prefill", "target_verify", "draft_decode"]
+    for report in reports(20, speculative, decode_method="no_such_method"):  # speculation decodes nothing
         assert report.tokens == greedy[report.prompt].tokens[:20]
         assert report.draft.calls == options.chain_len * report.verify.calls
-    for report in reports(20, forced_accept=[0, 3, 1, 2], reference_file=reference):
+    for report in reports(20, speculative, forced_accept=[0, 3, 1, 2], reference_file=reference):
         assert report.tokens == greedy[report.prompt].tokens[:20]
         assert report.histogram == {0: 2, 1: 2, 2: 2, 3: 2}  # 1 + 1 + 4 + 2 + 3 + 1 + 4 + 2 + 3 >= 20
+
+    missing = runner(mode="greedy", decode_method="no_such_method")
+    assert missing.returncode == 2 and "has no method no_such_method" in missing.stderr
+    short = tmp_path / "short.txt"
+    short.write_text(reference.read_text().splitlines()[0] + "\n")
+    refused = runner(max_new_tokens=20, forced_accept=[1], reference_file=short)
+    assert refused.returncode == 2
+    assert "reference_file has 1 line(s) for 2 prompt(s)" in refused.stderr
+    assert "== prompt" not in refused.stdout

@@ -1,7 +1,8 @@
 """eagle_runner (runtime/eagle/) on the GPU: greedy EAGLE-3 speculative decoding of the tiny EAGLE
 program on ExecuTorch's runtime gives exactly the tokens of greedy decoding by the target alone
 (target_verify advanced one position at a time), for the program's own draft, a draft that is
-always wrong, and drafts forced to every acceptance length; with and without CUDA graphs.
+always wrong, and drafts forced to every acceptance length; with and without CUDA graphs. Plain
+decoding over target_decode (one token per forward) gives the same tokens too.
 
 ``$ET_INT4_EAGLE_RUNNER`` names the runner (tools/build_executor_runner.sh builds it into
 .runner/); ``$ET_INT4_EAGLE_WORKDIR`` keeps the exported program there for later runs.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from et_int4.export.export_eagle import ExportOptions
+from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions
 from et_int4.runtime.eagle_runner import EagleRun, parse_reports
 from et_int4.runtime.runner import runner_env
 from runner_programs import lowered_program, requires_runner
@@ -26,7 +27,7 @@ WORKDIR_ENV = "ET_INT4_EAGLE_WORKDIR"
 
 pytestmark = [pytest.mark.cuda, requires_runner(RUNNER_ENV, "eagle_runner", "eagle_runner")]
 
-OPTIONS = ExportOptions(config="tiny", chain_len=7, matvec_max_m=8, max_seq_len=128)
+OPTIONS = ExportOptions(config="tiny", chain_len=7, matvec_max_m=8, max_seq_len=128, target_decode=True)
 NEW_TOKENS = 72
 # Every forced proposal lies inside the reference: a verify drafts up to chain_len tokens ahead.
 REFERENCE_TOKENS = NEW_TOKENS + OPTIONS.chain_len + 1
@@ -107,11 +108,33 @@ def test_greedy_decoding_follows_the_target(program, prompts, greedy):
     assert agree / total >= ARGMAX_AGREEMENT, f"{agree} of {total} positions agree"
 
 
+def loaded_methods(tmp_path: Path) -> list[str]:
+    """The methods the last run_runner loaded, from the runner's header line."""
+    header = next(line for line in (tmp_path / "runner.log").read_text().splitlines()
+                  if line.startswith("eagle_runner: "))
+    return header.split(", loaded ")[1].split()
+
+
+def test_plain_decoding_over_target_decode_is_greedy_decoding(program, prompts, greedy, tmp_path):
+    """target_decode (M = 1) gives the tokens of target_verify's row 0 (M = chain_len + 1): the kernel
+    computes row 0 the same way for every M. Loading only prefill and target_decode also keeps
+    ExecuTorch 1.4.1 from loading a method all of whose weights are cached (it crashed)."""
+    reports = run_runner(program, tmp_path, prompts_file=prompts[1], mode="greedy", decode_method=DECODE_METHOD,
+                         max_new_tokens=REFERENCE_TOKENS)
+    assert loaded_methods(tmp_path) == ["prefill", DECODE_METHOD]
+    for report in reports:
+        expected = greedy[0][report.prompt]
+        first = next((i for i, (a, b) in enumerate(zip(report.tokens, expected)) if a != b), None)
+        assert report.tokens == expected, f"prompt {report.prompt}: tokens differ from position {first} on"
+        assert report.decode.calls == REFERENCE_TOKENS - 1
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["plain", "cuda_graphs"])
 def test_speculative_decoding_is_lossless(program, prompts, greedy, tmp_path, cuda_graphs):
     graphs = ["target_verify", "draft_decode"] if cuda_graphs else []
     reports = run_runner(program, tmp_path, prompts_file=prompts[1], max_new_tokens=NEW_TOKENS,
                          cuda_graph_methods=graphs, repeat=2)
+    assert loaded_methods(tmp_path) == ["prefill", "target_verify", "draft_decode"]
     assert len(reports) == 2 * len(prompts[0])
     for report in reports:
         assert len(report.tokens) == NEW_TOKENS and report.stop == "max_new_tokens"

@@ -1,11 +1,13 @@
 """The EAGLE-3 export: argument checks, routing per method, numerics of the rewritten programs.
 
-CPU tests use the tiny config with a short KV cache and share one export (module fixture). The
+CPU tests use the tiny config with a short KV cache and share one export (module fixture, with
+target_decode). The
 ``cuda`` tests lower through ExecuTorch's CUDA backend and PyTorch's AOTI runtime.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import runpy
 from pathlib import Path
 
@@ -14,12 +16,12 @@ import pytest
 import torch
 from et_int4 import runtime
 from et_int4.export import export_eagle as cli
-from et_int4.export.export_eagle import METHODS, ExportOptions, export_eagle
+from et_int4.export.export_eagle import DECODE_METHOD, METHODS, ExportOptions, export_eagle
 from numerics import rel_error
 
 CHAIN_LEN = 3
-OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32)
-ARGV = ["--chain-len", "3", "--matvec-max-m", "4", "--max-seq-len", "32"]
+OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32, target_decode=True)
+ARGV = ["--chain-len", "3", "--matvec-max-m", "4", "--max-seq-len", "32", "--target-decode"]
 N_TARGET_LINEARS = OPTIONS.model_args.n_layers * 7 + 1  # q k v o, w1 w2 w3 per layer; lm_head
 N_DRAFT_LINEARS = 9  # fc, q k v o, w1 w2 w3, lm_head
 
@@ -27,10 +29,6 @@ N_DRAFT_LINEARS = 9  # fc, q k v o, w1 w2 w3, lm_head
 @pytest.fixture(scope="module")
 def exported():
     return export_eagle(OPTIONS)
-
-
-def _modules(export, programs):
-    return {name: programs[name].module() for name in METHODS}
 
 
 def _kv_buffers(module):
@@ -56,11 +54,12 @@ def _draft_inputs(from_target: bool):
 
 # -- routing ---------------------------------------------------------------------------------------
 
-def test_verify_and_draft_are_routed_prefill_is_not(exported):
+def test_verify_decode_and_draft_are_routed_prefill_is_not(exported):
     summary = {s.name: s for s in exported.summary}
-    assert list(summary) == list(METHODS)
-    assert len(summary["target_verify"].routed) == N_TARGET_LINEARS
-    assert summary["target_verify"].kept == ()
+    assert list(summary) == [*METHODS, DECODE_METHOD]
+    for target in ("target_verify", DECODE_METHOD):
+        assert len(summary[target].routed) == N_TARGET_LINEARS
+        assert summary[target].kept == ()
     assert len(summary["draft_decode"].routed) == N_DRAFT_LINEARS
     assert summary["draft_decode"].kept == ()
     assert summary["prefill"].routed == ()
@@ -95,16 +94,17 @@ def test_without_cuda_stops_after_the_summary(exported, monkeypatch, capsys, tmp
 
 # -- argument checks -------------------------------------------------------------------------------
 
+# {limit} is the built library's SHIM_GEMM_MAX_M, read when the test runs.
 @pytest.mark.parametrize("argv, message", [
     (["--matvec-max-m", "16"],
-     f"--matvec-max-m 16: MATVEC_MAX_M=16 exceeds SHIM_GEMM_MAX_M={et_int4.SHIM_GEMM_MAX_M}, the largest M the built"),
+     "--matvec-max-m 16: MATVEC_MAX_M=16 exceeds SHIM_GEMM_MAX_M={limit}, the largest M the built"),
     (["--chain-len", "8", "--matvec-max-m", "8"], "--chain-len 8 needs --matvec-max-m >= 9"),
     (["--matvec-max-m", "0"], "--matvec-max-m 0: MATVEC_MAX_M must be at least 1"),
     (["--chain-len", "0"], "--chain-len 0 must be at least 1"),
     (["--chain-len", "7", "--matvec-max-m", "4"], "--chain-len 7 needs --matvec-max-m >= 8"),
     (["--group-size", "48"], "--group-size 48: group_size must be a multiple of 32"),
     (["--max-seq-len", "9", "--matvec-max-m", "8"], "--max-seq-len 9 leaves no range for prefill"),
-    (["--n-layers", "1"], "--n-layers 1 must be at least 2"),
+    (["--n-layers", "1"], "--n-layers 1: EAGLE-3 taps layers 1 .. n_layers - 1, so n_layers must be at least 2"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
     if et_int4.SHIM_GEMM_MAX_M >= 16 and "16" in argv:
@@ -118,7 +118,7 @@ def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]
+    assert message.format(limit=et_int4.SHIM_GEMM_MAX_M) in err[-1]
 
 
 def test_unwritable_output_dir_fails_before_any_work(monkeypatch, capsys, tmp_path):
@@ -163,17 +163,19 @@ def test_outputs_are_replaced_as_a_pair_or_not_at_all(monkeypatch, tmp_path):
     assert new.keys() == old.keys() and all(new[name] != old[name] for name in new)
 
 
-BOUND = runtime.shim_gemm_max_m_bound()  # the largest SHIM_GEMM_MAX_M CMake accepts
-
-
-@pytest.mark.parametrize("argv", [["--matvec-max-m", str(BOUND + 1)], ["--chain-len", str(BOUND)],
-                                  ["--chain-len", str(BOUND), "--matvec-max-m", "4"]])
-def test_no_message_suggests_a_build_cmake_refuses(argv, monkeypatch, capsys):
+# Functions of the largest SHIM_GEMM_MAX_M CMake accepts, which is read from the library when a test runs.
+@pytest.mark.parametrize("argv_for", [lambda bound: ["--matvec-max-m", str(bound + 1)],
+                                      lambda bound: ["--chain-len", str(bound)],
+                                      lambda bound: ["--chain-len", str(bound), "--matvec-max-m", "4"]],
+                         ids=["matvec-max-m", "chain-len", "chain-len-and-matvec-max-m"])
+def test_no_message_suggests_a_build_cmake_refuses(argv_for, monkeypatch, capsys):
+    bound = runtime.shim_gemm_max_m_bound()
+    argv = argv_for(bound)
     monkeypatch.setattr(cli, "export_eagle", lambda opts: pytest.fail("ran despite bad arguments"))
     with pytest.raises(SystemExit):
         cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "rebuild" not in err and f"no build handles more than {BOUND} rows" in err, err
+    assert "rebuild" not in err and f"no build handles more than {bound} rows" in err, err
 
 
 @pytest.mark.parametrize("run", [
@@ -201,12 +203,42 @@ def test_fewer_layers_keep_the_config_shapes():
     assert (args.n_layers, args.eagle_layers, args.dim, args.ffn_dim) == (4, (1, 2, 3), 4096, 14336)
 
 
-def test_no_rewrite_leaves_every_linear_as_exported(capsys):
+@pytest.mark.parametrize("n_layers", [2, 3, 4])
+def test_the_target_taps_three_hidden_states_at_any_layer_count(n_layers):
+    # The draft's fc takes 3 * dim; with 2 or 3 layers two taps fall on one layer, and each still counts
+    # (a 2-layer Llama-shaped program once gave 1 * dim taps, which eagle_runner refused).
+    from et_int4.export.models import CONFIGS, Target, with_layers
+    args = with_layers(CONFIGS["tiny"], n_layers)
+    target = Target(args)
+    h = torch.randn(1, 3, args.dim)
+    with torch.no_grad():
+        _, taps = target(h, torch.arange(3))
+    assert taps.shape == (1, 3, 3 * args.dim)
+
+
+def test_the_bench_refuses_too_few_layers_with_the_models_check(capsys):
+    path = Path(__file__).parents[1] / "bench" / "bench_eagle_runner.py"
+    spec = importlib.util.spec_from_file_location("bench_eagle_runner", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["export", "--layers", "1", "--dir", "unused"])
+    assert exit_info.value.code == 2
+    assert "--layers 1: EAGLE-3 taps layers 1 .. n_layers - 1" in capsys.readouterr().err
+
+
+def test_target_decode_is_off_by_default():
+    opts, _ = cli.parse_options(cli.build_parser(), ["--chain-len", "3"])
+    assert not opts.target_decode and opts.methods == METHODS
+
+
+def test_no_rewrite_leaves_every_linear_as_exported_without_routing(monkeypatch, capsys):
     opts, _ = cli.parse_options(cli.build_parser(), [*ARGV, "--n-layers", "2", "--no-rewrite"])
+    monkeypatch.setattr(cli, "explain_int4_linears", lambda *a, **k: pytest.fail("explained routing not done"))
     export = export_eagle(opts)
-    assert all(export.programs[name] is export.exported[name] for name in METHODS)
-    assert all(not s.routed for s in export.summary)
-    assert len(next(s for s in export.summary if s.name == "target_verify").kept) == 2 * 7 + 1
+    assert all(export.programs[name] is export.exported[name] for name in opts.methods)
+    assert export.summary == []
+    cli.print_summary(export.summary)
     assert "no rewrite" in capsys.readouterr().out
 
 
@@ -237,6 +269,23 @@ def test_draft_decode_matches_eager(exported, from_target):
         ref_logits, ref_hidden = model.draft_decode(*inputs)
     assert rel_error(logits, ref_logits) < 5e-2
     assert rel_error(hidden, ref_hidden) < 5e-2
+
+
+def test_target_decode_is_row_0_of_target_verify(exported):
+    """Plain decoding over the same KV cache: target_decode's one row is target_verify's first (the
+    op's reference treats rows independently)."""
+    verify = exported.programs["target_verify"].module()
+    decode = exported.programs[DECODE_METHOD].module()
+    assert _kv_buffers(verify).keys() == _kv_buffers(decode).keys()
+    tokens, pos = _tokens(CHAIN_LEN + 1), torch.arange(5, 5 + CHAIN_LEN + 1)
+    _reset_caches(verify, decode)
+    with torch.no_grad():
+        verify_logits, verify_taps = verify(tokens, pos)
+        decode_logits, decode_taps = decode(tokens[:, :1], pos[:1])
+    assert decode_logits.shape == (1, 1, OPTIONS.model_args.vocab_size)
+    assert rel_error(decode_logits[0, 0], verify_logits[0, 0]) < 1e-2
+    assert rel_error(decode_taps[0, 0], verify_taps[0, 0]) < 1e-2
+    assert decode_logits[0, 0].argmax() == verify_logits[0, 0].argmax()
 
 
 def test_prefill_is_left_untouched(exported):
@@ -283,7 +332,7 @@ def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
     """Edge conversion, partitioning and serialization on CPU, with AOTInductor stubbed out.
 
     Each method becomes one CUDA delegate; the op reaches the backend (with the op registered in
-    both of its tables) in target_verify and draft_decode only; method 0 is draft_decode.
+    both of its tables) in target_verify, target_decode and draft_decode only; method 0 is draft_decode.
     """
     pytest.importorskip("triton", reason="ExecuTorch's CUDA backend imports triton")
     from et_int4.runtime import aoti
@@ -308,10 +357,10 @@ def test_lowering_up_to_aoti(exported, monkeypatch, tmp_path):
                         BackendDetails.__dict__["preprocess_multimethod"])
     files = cli.lower_to_executorch(exported.programs, cli.constant_methods(OPTIONS), tmp_path)
     routed = {s.name: len(s.routed) for s in exported.summary}
-    assert seen == {name: (routed[name], True) for name in METHODS}
+    assert seen == {name: (routed[name], True) for name in OPTIONS.methods}
     plans = deserialize_pte_binary(files[0].read_bytes()).program.execution_plan
-    assert [p.name for p in plans] == [*sorted(METHODS), *cli.constant_methods(OPTIONS)]
-    assert all(len(p.delegates) == 1 for p in plans[:len(METHODS)])
+    assert [p.name for p in plans] == [*sorted(OPTIONS.methods), *cli.constant_methods(OPTIONS)]
+    assert all(len(p.delegates) == 1 for p in plans[:len(OPTIONS.methods)])
 
 
 # -- GPU: ExecuTorch CUDA lowering and PyTorch's AOTI runtime -------------------------------------

@@ -115,12 +115,29 @@ def test_a_row_comes_out_the_same_whatever_m_and_call(n, k):
         assert torch.equal(run_op(x[:m].clone(), qdata, scale, zero, 32), full[:m]), f"M = {m}"
 
 
+def gpu_work(fn) -> list[str]:
+    """What ``fn`` ran on the GPU (kernels, copies, sets), by name, as the profiler (CUPTI) saw it."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def test_no_rows_give_an_empty_output_and_launch_nothing():
     gen = torch.Generator(device="cuda").manual_seed(9)
     x, qdata, scale, zero = random_operands(0, 96, 256, 32, generator=gen, device="cuda")
-    for out in (run_op(x, qdata, scale, zero, 32), runtime.plain_mm(x, qdata, scale, zero, 32, 4)):
+    one_row = random_operands(1, 96, 256, 32, generator=gen, device="cuda")
+    idle = set(gpu_work(lambda: None))  # the profiler's own records, if it makes any
+    outputs = []
+    launched = gpu_work(lambda: outputs.extend([run_op(x, qdata, scale, zero, 32),
+                                                runtime.plain_mm(x, qdata, scale, zero, 32, 4)]))
+    assert [name for name in launched if name not in idle] == []
+    for out in outputs:
         assert (out.dtype, tuple(out.shape), out.device.type) == (torch.bfloat16, (0, 96), "cuda")
-    torch.cuda.synchronize()
+    # The profiler does see the library's launches: one row runs its kernels.
+    assert [name for name in gpu_work(lambda: run_op(*one_row, 32)) if name not in idle]
 
 
 def test_strided_activation_rows():

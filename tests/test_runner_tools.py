@@ -128,3 +128,47 @@ def test_runner_latency_needs_the_runners_log(tmp_path):
     result = latency(fake_runner(tmp_path, [1.0] * 10, logging=False), 10)
     assert result.returncode != 0
     assert "EXECUTORCH_ENABLE_LOGGING=ON" in result.stderr
+
+
+# Stands in for python3 and compute-sanitizer: answers the script's one-line queries, records every
+# other command line as its arguments split by \x1f, one command a line.
+RECORDER = """#!/bin/bash
+case "$1 $2" in "-m pip") exit 0;; esac
+if [ "$1" = -c ]; then
+  case "$2" in *library_path*) echo "$FAKE_LIBRARY";; *importlib.metadata*) echo "versions";; *) echo;; esac
+  exit 0
+fi
+{ printf '%s\\x1f' "${0##*/}" "$@"; echo; } >> "$CALLS"
+"""
+
+
+def test_gpu_run_passes_paths_with_spaces_as_single_arguments(tmp_path):
+    fakes, work, runners, out = (tmp_path / name for name in ("fakes", "w ork", "run ners", "o ut"))
+    for folder in (fakes, work, runners):
+        folder.mkdir()
+    for name in ("python3", "compute-sanitizer"):
+        (fakes / name).write_text(RECORDER)
+        (fakes / name).chmod(0o755)
+    library, calls = tmp_path / "li b" / "libet_int4.so", tmp_path / "calls"
+    steps = ["runner_latency", "runner_sanitizer", "runner_ratio", "eagle_llama_time"]
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_run.sh"), str(out), *steps], cwd=work, capture_output=True, text=True,
+        timeout=60, env={**os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "ET_INT4_RUNNER_DIR": str(runners),
+                         "FAKE_LIBRARY": str(library), "CALLS": str(calls)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+
+    def after(flag):
+        return {c[c.index(flag) + 1] for c in commands if flag in c}
+
+    eagle = work / "out" / "runner-eagle"
+    assert after("--runner") == {f"{runners}/{name}" for name in ("executor_runner", "executor_runner_et_int4",
+                                                                   "eagle_runner")}
+    assert after("--preload") == {str(library)}
+    assert after("--pte") == {f"{eagle}/eagle.pte", "out/runner-llama", "out/runner-llama/verify_decode.pte"}
+    sanitized = [c for c in commands if c[0] == "compute-sanitizer"]
+    assert [c[c.index(f"{runners}/executor_runner") - 1:] for c in sanitized] == [
+        [f"LD_PRELOAD={library}", f"{runners}/executor_runner", f"--model_path={eagle}/eagle.pte",
+         f"--data_path={eagle}/aoti_cuda_blob.ptd", f"--method_name={method}", "--print_output=none"]
+        for method in ("prefill", "target_verify", "draft_decode")]
+    assert (out / "eagle_llama.md").is_file()

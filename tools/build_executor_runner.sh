@@ -14,7 +14,8 @@
 #   CURAND_DIR  a folder with include/curand_kernel.h and lib/libcurand.so*, for a CUDA toolkit that
 #               lacks them (the nvidia-curand wheel's nvidia/cu13); found in PYTHON's site-packages
 #               when that wheel is installed there
-#   PYTHON      the interpreter whose torch gives the AOTI headers (default python3)
+#   PYTHON      the interpreter whose torch gives ExecuTorch's build the AOTI headers (its
+#               PYTHON_EXECUTABLE) and whose executorch should be SRC's release (default python3)
 #   CMAKE       cmake >= 3.29 (default cmake)
 set -euo pipefail
 
@@ -111,7 +112,7 @@ echo "== ExecuTorch $version from $src -> $build/executorch (CUDA archs $archs, 
 
 # -- 2. this project's runners (tools/runner/CMakeLists.txt) ------------------------------------
 echo "== the project's runners -> $build/project"
-"$cmake" -S "$project/tools/runner" -B "$build/project" "${common[@]}" -DPython_EXECUTABLE="$python_path" \
+"$cmake" -S "$project/tools/runner" -B "$build/project" "${common[@]}" \
   -DCMAKE_PREFIX_PATH="$build/install" -DEXECUTORCH_SRC="$src" -DEXECUTORCH_BUILD_DIR="$build/executorch" \
   -DCMAKE_INSTALL_PREFIX="$out"
 "$cmake" --build "$build/project" -j "$jobs"

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -63,9 +64,12 @@ void check_prompt(const Shape& shape, const std::vector<int64_t>& prompt) {
   }
 }
 
-void check_options(const Shape& shape, const Options& options) {
+void check_options(const Shape& shape, size_t prompt_len, const Options& options) {
   if (options.max_new_tokens < 1) {
     throw std::invalid_argument("max_new_tokens must be at least 1, got " + std::to_string(options.max_new_tokens));
+  }
+  if (options.mode == Mode::kGreedy && shape.decode_window < 1) {
+    throw std::invalid_argument("greedy decoding needs a decode method (a decode window of at least 1 token)");
   }
   for (int64_t a : options.forced_accept) {
     if (a < 0 || a > shape.chain_len) {
@@ -75,6 +79,13 @@ void check_options(const Shape& shape, const Options& options) {
   }
   if (!options.forced_accept.empty() && options.reference.empty()) {
     throw std::invalid_argument("forced_accept needs the reference continuation of the prompt");
+  }
+  const size_t needed = reference_tokens_needed(shape, prompt_len, options);
+  if (options.reference.size() < needed) {
+    throw std::invalid_argument(
+        "the reference has " + std::to_string(options.reference.size()) + " tokens, but the forced drafts of " +
+        std::to_string(options.max_new_tokens) + " new tokens read up to " + std::to_string(needed) +
+        ": give a longer reference (e.g. a greedy run with max_new_tokens >= " + std::to_string(needed) + ")");
   }
 }
 
@@ -86,11 +97,11 @@ int64_t forced_proposal(const Options& options, const Shape& shape, size_t specu
     return model_token;
   }
   const int64_t accept = options.forced_accept[speculation % options.forced_accept.size()];
-  const size_t index = generated + static_cast<size_t>(i);  // reference[index] is t_{n+i}
-  if (i > accept + 1 || index >= options.reference.size()) {
+  if (i > accept + 1) {
     return model_token;
   }
-  const int64_t truth = options.reference[index];
+  // t_{n+i}; check_options made sure that the reference reaches it.
+  const int64_t truth = options.reference.at(generated + static_cast<size_t>(i));
   return i <= accept ? truth : (truth + 1) % shape.vocab_size;
 }
 
@@ -158,6 +169,10 @@ void speculative(Methods& methods, const Shape& shape, int64_t n, std::vector<ui
   }
 }
 
+std::vector<int64_t> reference_of(const Batch& batch, size_t prompt) {
+  return batch.references.empty() ? std::vector<int64_t>{} : batch.references[prompt];
+}
+
 const char* stop_name(Stop stop) {
   switch (stop) {
     case Stop::kMaxNewTokens: return "max_new_tokens";
@@ -195,7 +210,7 @@ void Shape::check() const {
     throw std::invalid_argument("get_min_prefill_len " + std::to_string(min_prefill_len) +
                                 " must lie in 1..get_max_seq_len (" + std::to_string(max_seq_len) + ")");
   }
-  if (chain_len + 1 > max_seq_len || decode_window < 1 || decode_window > max_seq_len) {
+  if (chain_len + 1 > max_seq_len || decode_window < 0 || decode_window > max_seq_len) {
     throw std::invalid_argument("a verify window of chain_len + 1 = " + std::to_string(chain_len + 1) +
                                 " or a decode window of " + std::to_string(decode_window) +
                                 " does not fit max_seq_len " + std::to_string(max_seq_len));
@@ -209,7 +224,7 @@ Generation generate(Methods& methods, const Shape& shape, const std::vector<int6
                     const Options& options) {
   shape.check();
   check_prompt(shape, prompt);
-  check_options(shape, options);
+  check_options(shape, prompt.size(), options);
   Generation g;
   Forward first = run_prefill(methods, shape, prompt, g);
   const auto start = Clock::now();
@@ -223,6 +238,76 @@ Generation generate(Methods& methods, const Shape& shape, const std::vector<int6
   }
   g.decode_seconds = seconds_since(start);
   return g;
+}
+
+size_t reference_tokens_needed(const Shape& shape, size_t prompt_len, const Options& options) {
+  if (options.forced_accept.empty()) {
+    return 0;
+  }
+  // A speculation starts with generated = n - prompt_len tokens after the first, only while
+  // max_new_tokens is not reached and n + chain_len + 1 <= max_seq_len; its step i reads
+  // reference[generated + i] for i <= min(forced + 1, chain_len) (see forced_proposal).
+  const int64_t last_generated =
+      std::min(options.max_new_tokens - 2, shape.max_seq_len - static_cast<int64_t>(prompt_len) - shape.chain_len - 1);
+  if (last_generated < 0) {
+    return 0;
+  }
+  const int64_t forced = *std::max_element(options.forced_accept.begin(), options.forced_accept.end());
+  return static_cast<size_t>(last_generated + std::min(forced + 1, shape.chain_len) + 1);
+}
+
+void check_batch(const Shape& shape, const Batch& batch, Options options) {
+  if (batch.prompts.empty()) {
+    throw std::invalid_argument("no prompt given: the prompts file has no line of token ids");
+  }
+  if (batch.repeat < 1) {
+    throw std::invalid_argument("repeat must be at least 1, got " + std::to_string(batch.repeat));
+  }
+  if (!batch.references.empty() && batch.references.size() != batch.prompts.size()) {
+    throw std::invalid_argument("reference_file has " + std::to_string(batch.references.size()) +
+                                " line(s) for " + std::to_string(batch.prompts.size()) +
+                                " prompt(s): give one reference line per prompt");
+  }
+  if (!options.forced_accept.empty() && batch.references.empty()) {
+    throw std::invalid_argument("forced_accept needs reference_file, one reference line per prompt");
+  }
+  shape.check();
+  for (size_t p = 0; p < batch.prompts.size(); ++p) {
+    try {
+      check_prompt(shape, batch.prompts[p]);
+      options.reference = reference_of(batch, p);
+      check_options(shape, batch.prompts[p].size(), options);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("prompt " + std::to_string(p) + ": " + e.what());
+    }
+  }
+}
+
+void run_batch(Methods& methods, const Shape& shape, const Batch& batch, Options options, std::ostream& out) {
+  check_batch(shape, batch, options);
+  for (int64_t r = 0; r < batch.repeat; ++r) {
+    for (size_t p = 0; p < batch.prompts.size(); ++p) {
+      options.reference = reference_of(batch, p);
+      const auto generation = generate(methods, shape, batch.prompts[p], options);
+      print_report(out, generation, shape, p, static_cast<int>(r), batch.prompts[p].size());
+      out.flush();
+    }
+  }
+}
+
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, const char* flag) {
+  std::ifstream in(path);
+  if (!in) {
+    throw std::invalid_argument(std::string("--") + flag + " " + path + " cannot be read");
+  }
+  std::vector<std::vector<int64_t>> lines;
+  for (std::string line; std::getline(in, line);) {
+    auto tokens = parse_tokens(line);
+    if (!tokens.empty()) {
+      lines.push_back(std::move(tokens));
+    }
+  }
+  return lines;
 }
 
 std::vector<int64_t> parse_tokens(const std::string& text) {

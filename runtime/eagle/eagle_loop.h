@@ -51,7 +51,9 @@ struct Shape {
   int64_t max_seq_len = 0;
   int64_t min_prefill_len = 0;
   int64_t vocab_size = 0;
-  int64_t decode_window = 0;  // tokens of one plain decoding forward (chain_len + 1 for target_verify)
+  // Tokens of one plain decoding forward (chain_len + 1 for target_verify); 0: no decode method
+  // (speculative mode needs none).
+  int64_t decode_window = 0;
 
   void check() const;  // throws std::invalid_argument naming what is inconsistent
 };
@@ -65,7 +67,8 @@ struct Options {
   // For tests and benchmarks: speculation k proposes the first forced_accept[k % size] tokens of
   // `reference` (this prompt's continuation, e.g. from greedy mode) and then a wrong one, so that
   // exactly that many are accepted when the loop is lossless; 0 is a draft that is always wrong.
-  // The draft model still runs; past the end of `reference` its own tokens are proposed.
+  // The draft model still runs. `reference` must reach as far as forced drafts can
+  // (reference_tokens_needed); generate() refuses a shorter one.
   std::vector<int64_t> forced_accept;
   std::vector<int64_t> reference;
 };
@@ -84,6 +87,29 @@ struct Generation {
 
 Generation generate(Methods& methods, const Shape& shape, const std::vector<int64_t>& prompt,
                     const Options& options);
+
+// How many tokens of `reference` the forced drafts of a prompt of prompt_len tokens can read: up to
+// the last speculation that max_new_tokens and the KV cache allow (0 without forced_accept).
+size_t reference_tokens_needed(const Shape& shape, size_t prompt_len, const Options& options);
+
+// What one runner invocation generates: every prompt, `repeat` times.
+struct Batch {
+  std::vector<std::vector<int64_t>> prompts;
+  // None, or one per prompt: its Options::reference (e.g. the tokens of a greedy run).
+  std::vector<std::vector<int64_t>> references;
+  int64_t repeat = 1;
+};
+
+// Throws std::invalid_argument, naming the prompt, for anything generate() would refuse in the batch.
+void check_batch(const Shape& shape, const Batch& batch, Options options);
+
+// check_batch (a bad last prompt fails before the first one runs), then generates every prompt with
+// `options` (and its reference) and prints its report, flushed, so that a crash later keeps what
+// was printed.
+void run_batch(Methods& methods, const Shape& shape, const Batch& batch, Options options, std::ostream& out);
+
+// The token ids of each non-blank line of the file that runner flag `flag` names.
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, const char* flag);
 
 // Token ids separated by spaces or commas; throws std::invalid_argument on anything else.
 std::vector<int64_t> parse_tokens(const std::string& text);

@@ -5,8 +5,8 @@
 //
 // The methods share the target's weights and KV cache (the CUDA backend's option
 // weight_sharing_across_methods, on by default here). Prints one report per prompt
-// (runtime/eagle_runner.py parses it).
-#include <fstream>
+// (runtime/eagle_runner.py parses it), flushed. It loads only the methods its --mode runs: prefill
+// and --decode_method (greedy), or prefill, target_verify and draft_decode (speculative).
 #include <iostream>
 #include <limits>
 #include <memory>
@@ -34,15 +34,15 @@ DEFINE_string(mode, "speculative",
 DEFINE_string(decode_method, "target_verify",
               "The target method of greedy mode; its row 0 gives the next token. target_verify "
               "(chain_len + 1 tokens) is the reference for losslessness; a method over 1 token "
-              "(e.g. bench/bench_eagle_runner.py's target_decode) is plain decoding.");
+              "(target_decode, which export_eagle.py --target-decode adds) is plain decoding.");
 DEFINE_string(forced_accept, "",
               "Tests and benchmarks: speculation k proposes the first forced_accept[k mod n] tokens of "
               "the reference and then a wrong one (0: a draft that is always wrong). Needs "
-              "--reference_file.");
+              "--reference_file, each line as long as the forced drafts read (the runner says so).");
 DEFINE_string(reference_file, "",
               "The reference continuation of each prompt, one line per prompt (e.g. the tokens of a "
               "greedy run).");
-DEFINE_int32(repeat, 1, "Run every prompt this many times (later runs are warm, e.g. CUDA graphs).");
+DEFINE_int64(repeat, 1, "Run every prompt this many times, at least 1 (later runs are warm, e.g. CUDA graphs).");
 // --cuda_graph_methods, --shared_cuda_stream and --share_weights_across_methods come from
 // tools/runner/cuda_backend_flags.cpp.
 DECLARE_bool(share_weights_across_methods);
@@ -124,6 +124,8 @@ class ExecuTorchMethods : public eagle::Methods {
   ExecuTorchMethods(Module& module, std::string decode_method)
       : module_(module), decode_method_(std::move(decode_method)) {}
 
+  // The program's shape from its constant methods and method_meta (which needs no method loaded);
+  // the decode method's window in greedy mode, target_verify's and draft_decode's in speculative.
   eagle::Shape read_shape(bool speculative) {
     eagle::Shape shape;
     shape.chain_len = constant("get_chain_len");
@@ -131,20 +133,21 @@ class ExecuTorchMethods : public eagle::Methods {
     shape.min_prefill_len = constant("get_min_prefill_len");
     auto logits = tensor_meta(module_, kPrefill, 0, false);
     shape.vocab_size = logits.sizes()[logits.sizes().size() - 1];
-    shape.decode_window = tensor_meta(module_, decode_method_.c_str(), 0, true).sizes()[1];
+    if (!speculative) {
+      shape.decode_window = tensor_meta(module_, decode_method_.c_str(), 0, true).sizes()[1];
+      return shape;
+    }
     const auto verify_tokens = tensor_meta(module_, kVerify, 0, true).sizes()[1];
     if (verify_tokens != shape.chain_len + 1) {
       throw std::runtime_error("target_verify takes " + std::to_string(verify_tokens) + " tokens, but get_chain_len + 1 is " +
                                std::to_string(shape.chain_len + 1) + ": the program is inconsistent; re-export it");
     }
-    if (speculative) {
-      target_hidden_.resize(tensor_meta(module_, kDraft, 2, true).nbytes());
-      draft_hidden_.resize(tensor_meta(module_, kDraft, 3, true).nbytes());
-      hidden_type_ = tensor_meta(module_, kDraft, 2, true).scalar_type();
-      const auto taps = tensor_meta(module_, kPrefill, 1, false);
-      if (taps.sizes()[2] * executorch::runtime::elementSize(taps.scalar_type()) != target_hidden_.size()) {
-        throw std::runtime_error("prefill's taps rows and draft_decode's target_hidden differ in size: re-export");
-      }
+    target_hidden_.resize(tensor_meta(module_, kDraft, 2, true).nbytes());
+    draft_hidden_.resize(tensor_meta(module_, kDraft, 3, true).nbytes());
+    hidden_type_ = tensor_meta(module_, kDraft, 2, true).scalar_type();
+    const auto taps = tensor_meta(module_, kPrefill, 1, false);
+    if (taps.sizes()[2] * executorch::runtime::elementSize(taps.scalar_type()) != target_hidden_.size()) {
+      throw std::runtime_error("prefill's taps rows and draft_decode's target_hidden differ in size: re-export");
     }
     return shape;
   }
@@ -214,21 +217,6 @@ class ExecuTorchMethods : public eagle::Methods {
   ScalarType hidden_type_ = ScalarType::BFloat16;
 };
 
-std::vector<std::vector<int64_t>> read_lines(const std::string& path, const char* flag) {
-  std::ifstream in(path);
-  if (!in) {
-    throw std::invalid_argument(std::string("--") + flag + " " + path + " cannot be read");
-  }
-  std::vector<std::vector<int64_t>> lines;
-  for (std::string line; std::getline(in, line);) {
-    auto tokens = eagle::parse_tokens(line);
-    if (!tokens.empty()) {
-      lines.push_back(std::move(tokens));
-    }
-  }
-  return lines;
-}
-
 int run_prompts() {
   if (FLAGS_model_path.empty()) {
     throw std::invalid_argument("--model_path is required: the .pte of export/export_eagle.py");
@@ -243,19 +231,18 @@ int run_prompts() {
   if (FLAGS_prompt.empty() == FLAGS_prompts_file.empty()) {
     throw std::invalid_argument("give the prompt with exactly one of --prompt and --prompts_file");
   }
-  const auto prompts = FLAGS_prompt.empty() ? read_lines(FLAGS_prompts_file, "prompts_file")
-                                            : std::vector<std::vector<int64_t>>{eagle::parse_tokens(FLAGS_prompt)};
-  const auto references = FLAGS_reference_file.empty() ? std::vector<std::vector<int64_t>>{}
-                                                        : read_lines(FLAGS_reference_file, "reference_file");
+  eagle::Batch batch;
+  batch.prompts = FLAGS_prompt.empty() ? eagle::read_token_lines(FLAGS_prompts_file, "prompts_file")
+                                       : std::vector<std::vector<int64_t>>{eagle::parse_tokens(FLAGS_prompt)};
+  if (!FLAGS_reference_file.empty()) {
+    batch.references = eagle::read_token_lines(FLAGS_reference_file, "reference_file");
+  }
+  batch.repeat = FLAGS_repeat;
   eagle::Options options;
   options.mode = FLAGS_mode == "greedy" ? eagle::Mode::kGreedy : eagle::Mode::kSpeculative;
   options.max_new_tokens = FLAGS_max_new_tokens;
   options.eos_id = FLAGS_eos_id;
   options.forced_accept = eagle::parse_tokens(FLAGS_forced_accept);
-  if (!options.forced_accept.empty() && references.size() != prompts.size()) {
-    throw std::invalid_argument("--forced_accept needs --reference_file with one line per prompt (" +
-                                std::to_string(prompts.size()) + "), got " + std::to_string(references.size()));
-  }
 
   // Mapped, not read: the weights go to the GPU once, and a large .ptd need not fit in host memory twice.
   Module module(FLAGS_model_path,
@@ -263,31 +250,36 @@ int run_prompts() {
                 Module::LoadMode::Mmap);
   const auto names = check(module.method_names(), "loading " + FLAGS_model_path);
   const bool speculative = options.mode == eagle::Mode::kSpeculative;
-  std::vector<std::string> needed{kPrefill, kVerify, FLAGS_decode_method};
-  if (speculative) {
-    needed.push_back(kDraft);
-  }
+  // Only the methods this mode runs: in ExecuTorch 1.4.1's CUDA backend, a method that both shares
+  // and adds weights (target_verify beside prefill's torchao weights) leaves the cache entries of the
+  // ones it added dangling, and target_decode loaded after it crashed on them (bench/RESULTS.md).
+  const std::vector<std::string> needed =
+      speculative ? std::vector<std::string>{kPrefill, kVerify, kDraft}
+                  : std::vector<std::string>{kPrefill, FLAGS_decode_method};
   for (const auto& name : needed) {
     if (!names.count(name)) {
       throw std::invalid_argument(FLAGS_model_path + " has no method " + name +
-                                  ": export it with export/export_eagle.py (or name another --decode_method)");
+                                  ": export it with export/export_eagle.py (--target-decode adds target_decode), "
+                                  "or name another --decode_method");
     }
-    check(module.load_method(name), "loading " + name);
   }
   ExecuTorchMethods methods(module, FLAGS_decode_method);
   const eagle::Shape shape = methods.read_shape(speculative);
-  std::cout << "eagle_runner: " << FLAGS_mode << ", chain_len " << shape.chain_len << ", max_seq_len "
-            << shape.max_seq_len << ", min_prefill_len " << shape.min_prefill_len << ", vocab " << shape.vocab_size
-            << ", decode_method " << FLAGS_decode_method << " (" << shape.decode_window << " tokens)\n";
-  for (int r = 0; r < FLAGS_repeat; ++r) {
-    for (size_t p = 0; p < prompts.size(); ++p) {
-      if (!references.empty()) {
-        options.reference = references.at(p);
-      }
-      const auto generation = eagle::generate(methods, shape, prompts[p], options);
-      eagle::print_report(std::cout, generation, shape, p, r, prompts[p].size());
-    }
+  eagle::check_batch(shape, batch, options);  // before the weights go to the GPU
+  for (const auto& name : needed) {
+    check(module.load_method(name), "loading " + name);
   }
+  std::cout << "eagle_runner: " << FLAGS_mode << ", chain_len " << shape.chain_len << ", max_seq_len "
+            << shape.max_seq_len << ", min_prefill_len " << shape.min_prefill_len << ", vocab " << shape.vocab_size;
+  if (!speculative) {
+    std::cout << ", decode_method " << FLAGS_decode_method << " (" << shape.decode_window << " tokens)";
+  }
+  std::cout << ", loaded";
+  for (const auto& name : needed) {
+    std::cout << ' ' << name;
+  }
+  std::cout << std::endl;
+  eagle::run_batch(methods, shape, batch, options, std::cout);
   return 0;
 }
 

@@ -31,6 +31,24 @@ def exported():
     return export_eagle(OPTIONS)
 
 
+@pytest.mark.slow
+def test_lowered_methods_agree_on_every_name_they_share(exported):
+    # ExecuTorch's CUDA backend shares constants across methods by name, and to_edge names the scalars it
+    # lifts by a per-program counter: two methods must never hold different tensors under one name.
+    exir = pytest.importorskip("executorch.exir")
+    config = exir.EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+    tensors = {}
+    for name, program in exported.programs.items():
+        edge = exir.to_edge(program, compile_config=config).exported_program()
+        tensors[name] = {**edge.state_dict, **edge.constants}
+    names = list(tensors)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for key in tensors[a].keys() & tensors[b].keys():
+                x, y = tensors[a][key], tensors[b][key]
+                assert (x.dtype, x.shape) == (y.dtype, y.shape) and torch.equal(x, y), f"{key}: {a} vs {b}"
+
+
 def _kv_buffers(module):
     return {name: buf for name, buf in module.named_buffers()
             if name.endswith(("k_cache", "v_cache"))}

@@ -2,7 +2,8 @@
 
 Methods, sharing the target's weights and KV cache:
   prefill        tokens [1, T] (min_prefill_len <= T <= max_seq_len), input_pos [T]
-                 -> logits [1, T, V], taps [1, T, 3 * dim]          linears left as dequant + linear
+                 -> logits [1, T, V], taps [1, T, 3 * dim]          linears left as dequant + linear,
+                                                                    over target_verify's packed weights
   target_verify  tokens [1, chain_len + 1], input_pos [chain_len + 1]
                  -> logits, taps (as prefill)                       linears -> et_int4_plain_mm
   draft_decode   tokens [1, 1], input_pos [1], target_hidden [1, 1, 3 * dim],

@@ -11,9 +11,17 @@ With M = prod(x.shape[:-1]) rows, a linear whose M can never exceed ``MATVEC_MAX
 
     reshape(x, [-1, K]) -> et_int4_plain_mm(x2d, qdata4, scale, zero, gs, MATVEC_MAX_M) -> reshape [..., N]
 
-with the repacked weight as new buffers of the program (named after the weight); a linear whose M is always larger stays
-as it is (W4A16 prefill). A dynamic M whose range straddles the limit is an error: one graph cannot
-take both paths.
+with the repacked weight as new buffers of the program (named after the weight). A linear whose M is
+always larger (prefill) stays dequantize_affine + linear (W4A16), but reads the same packed buffers:
+
+    unpack_tiled(qdata4, scale, zero) (reshapes, permutes, nibble masks in the graph)
+        -> dequantize_affine(qdata, [1, gs], scale, zero_point, ...) -> aten.linear(x, w[, bias])
+
+bit-identical to the original, and the torchao weight leaves the program. So every method exported
+from one model holds the same weights under the same names, once: ExecuTorch's CUDA backend shares
+them across methods by name (docs/ARCHITECTURE.md says why a mix of shared and unshared weights in a
+method is a hazard as well as a waste). A dynamic M whose range straddles the limit is an error: one
+graph cannot take both paths.
 """
 
 from __future__ import annotations
@@ -33,12 +41,19 @@ from torch.export.graph_signature import (
     InputSpec,
     TensorArgument,
 )
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import bound_sympy
 
 from ..backends.cuda.int4.limits import DispatchLimitError, resolve_matvec_max_m
 from ..backends.cuda.int4.op import et_int4_plain_mm
-from ..backends.cuda.int4.packing import TILE_ROWS, check_group_size, pack_torchao_weight, weight_shape
+from ..backends.cuda.int4.packing import (
+    TILE_ROWS,
+    check_group_size,
+    pack_torchao_weight,
+    unpack_tiled,
+    weight_shape,
+)
 
 __all__ = ["Int4LinearDecision", "explain_int4_linears", "rewrite_int4_linears"]
 
@@ -61,7 +76,8 @@ class Int4LinearDecision:
         name: the linear's module path, e.g. ``layers.0.mlp.up_proj``.
         m_min, m_max: the range of its row count M = prod(x.shape[:-1]); ``m_max`` is ``math.inf``
             when the export leaves it unbounded.
-        routed: True when it becomes ``et_int4_plain_mm``.
+        routed: True when it becomes ``et_int4_plain_mm``. False for a matched linear of larger M
+            too: it stays dequantize + linear, over the packed weights (``reason`` says which).
         reason: why.
     """
 
@@ -101,12 +117,13 @@ def rewrite_int4_linears(ep: ExportedProgram, *, matvec_max_m: int | None = None
     limit = resolve_matvec_max_m(matvec_max_m)
     _plan(ep, limit)  # raise before paying for the copy
     program = _copy_program(ep)
-    routed = [match for decision, match in _plan(program, limit) if decision.routed]
-    if not routed:
+    # Every match is rewritten: routed to the op, or (larger M) dequantized from the packed weights.
+    plan = [(decision.routed, match) for decision, match in _plan(program, limit) if match is not None]
+    if not plan:
         return program
     # New nodes get their meta["val"] from the mode that traced the program.
-    fake_mode = routed[0].linear.args[0].meta["val"].fake_mode
-    return _Rewriter(program, limit, fake_mode).run(routed)
+    fake_mode = plan[0][1].linear.args[0].meta["val"].fake_mode
+    return _Rewriter(program, limit, fake_mode).run(plan)
 
 
 def _plan(ep: ExportedProgram, limit: int) -> list[tuple[Int4LinearDecision, _Int4Linear | None]]:
@@ -128,7 +145,8 @@ def _plan(ep: ExportedProgram, limit: int) -> list[tuple[Int4LinearDecision, _In
         elif m_min > limit:
             decision = Int4LinearDecision(
                 name, m_min, m_max, False,
-                f"{rows} > MATVEC_MAX_M={limit}: stays dequantize_affine + linear (W4A16)")
+                f"{rows} > MATVEC_MAX_M={limit}: stays dequantize_affine + linear (W4A16), reading "
+                f"the packed weights (unpacked in the graph)")
         else:
             raise DispatchLimitError(
                 f"int4 linear {name}: M = prod(x.shape[:-1]) ranges over [{m_min}, {m_max}], which "
@@ -242,16 +260,38 @@ class _Rewriter:
         self.fake_mode = fake_mode
         self.new_buffers: dict[str, torch.Tensor] = {}
         self.new_specs: dict[str, InputSpec] = {}
-        # One set of packed tensors per weight placeholder: tied weights are packed once.
+        # One set of packed tensors per weight placeholder: tied weights are packed once, and
+        # unpacked once for all their dequantize + linear users.
         self.packed: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
+        self.unpacked: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
 
-    def run(self, matches: list[_Int4Linear]) -> ExportedProgram:
-        for match in matches:
-            self._rewrite(match)
-        removed = self._erase_unused(matches)
+    def run(self, plan: list[tuple[bool, _Int4Linear]]) -> ExportedProgram:
+        for routed, match in plan:
+            if routed:
+                self._route(match)
+            else:
+                self._dequantize_packed(match)
+        removed = self._erase_unused([match for _, match in plan])
         return self._program(removed)
 
-    def _rewrite(self, match: _Int4Linear) -> None:
+    def _dequantize_packed(self, match: _Int4Linear) -> None:
+        """Feed the linear's dequantize_affine torchao's qdata, scale and zero_point unpacked from the
+        packed buffers: the same values, so the same results, and no second copy of the weight."""
+        if match.weight not in self.unpacked:
+            packed = self._packed_for(match.weight)
+            traced = make_fx(unpack_tiled)(*(node.meta["val"] for node in packed))
+            env = dict(zip(_placeholders(traced.graph), packed))
+            with self.graph.inserting_before(match.dequantize):
+                for node in traced.graph.nodes:
+                    if node.op == "call_function":
+                        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                        env[node] = self._emit(match.linear, node.target, *args, **kwargs)
+                    elif node.op == "output":
+                        self.unpacked[match.weight] = fx.node.map_arg(tuple(node.args[0]), env.__getitem__)
+        for old, new in zip(match.inner, self.unpacked[match.weight]):
+            match.dequantize.replace_input_with(old, new)
+
+    def _route(self, match: _Int4Linear) -> None:
         linear = match.linear
         x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
         qdata, scale, zero = self._packed_for(match.weight)
@@ -270,11 +310,11 @@ class _Rewriter:
         linear.replace_all_uses_with(y)
         self.graph.erase_node(linear)
 
-    def _emit(self, like: fx.Node, target: torch._ops.OpOverload, *args: object) -> fx.Node:
-        node = self.graph.call_function(target, args)
-        vals = fx.node.map_arg(args, lambda a: a.meta["val"])
+    def _emit(self, like: fx.Node, target: torch._ops.OpOverload, *args: object, **kwargs: object) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        vals, kwarg_vals = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
         with self.fake_mode:
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*vals, **kwarg_vals)
         node.meta.update({key: like.meta[key] for key in _INHERITED_META if key in like.meta})
         return node
 

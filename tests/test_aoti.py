@@ -10,6 +10,7 @@ import torch
 from et_int4 import runtime
 from et_int4.runtime.aoti import c_shim_name, custom_ops_to_c_shims
 from models import MLP, Chunked, quantized
+from torch.export import Dim
 
 pytestmark = pytest.mark.skipif(runtime.library_path() is None, reason="libet_int4 is not built")
 
@@ -74,3 +75,22 @@ def test_aoti_names_the_packed_weights_after_the_weights(tmp_path):
     packed = {f"{layer}.weight_et_int4_{field}" for layer in ("up_proj", "down_proj")
               for field in ("qdata", "scale", "zero")}
     assert packed <= set(compiled.loader.get_constant_fqns())
+
+
+@pytest.mark.slow
+def test_aoti_prefill_reads_only_the_packed_weights(tmp_path):
+    # M in [9, 64] > MATVEC_MAX_M: dequantize + linear, unpacked in the graph from the packed buffers.
+    model = quantized(MLP(k=256, hidden=512, n=128), asymmetric=True)
+    example = torch.randn(1, 16, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        original = torch.export.export(model, (example,), dynamic_shapes=({1: Dim("T", min=9, max=64)},))
+        program = et_int4.rewrite_int4_linears(original, matvec_max_m=8)
+    compiled, _ = compile_and_load(program, "cpu", tmp_path)
+    packed = {f"{layer}.weight_et_int4_{field}" for layer in ("up_proj", "down_proj")
+              for field in ("qdata", "scale", "zero")}
+    assert set(compiled.loader.get_constant_fqns()) == packed | {"down_proj.bias"}
+    for t in (9, 33, 64):
+        x = torch.randn(1, t, 256, dtype=torch.bfloat16)
+        expected = original.module()(x)
+        torch.testing.assert_close(compiled(x).float(), expected.float(), rtol=2**-7,
+                                   atol=1e-3 * expected.abs().max().item())

@@ -116,8 +116,9 @@ def test_tensors_not_replaced_are_shared_not_copied() -> None:
     assert ep.constants, "the model should have a lifted tensor constant"
     rewritten = et_int4.rewrite_int4_linears(ep)
     assert _targets(rewritten).count(OP) == 1
-    packed = {f"routed.weight_et_int4_{field}" for field in ("qdata", "scale", "zero")}
-    assert set(rewritten.state_dict) == {"routed.bias", "kept.weight", "offset"} | packed
+    packed = {f"{layer}.weight_et_int4_{field}" for layer in ("routed", "kept")
+              for field in ("qdata", "scale", "zero")}
+    assert set(rewritten.state_dict) == {"routed.bias", "offset"} | packed
     for key in rewritten.state_dict.keys() - packed:
         assert rewritten.state_dict[key] is ep.state_dict[key], key
     kept_constants = ep.constants.keys() & rewritten.constants.keys()
@@ -183,7 +184,7 @@ def test_tied_weight_both_routed() -> None:
     assert torch.equal(yb, _linear(b, model.second.weight))
 
 
-def test_tied_weight_one_routed_keeps_the_parameter() -> None:
+def test_tied_weight_one_routed_one_not_share_the_packed_weight() -> None:
     model = quantized(Tied())
     a, b = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
     ep = export(model, a, b)
@@ -192,13 +193,93 @@ def test_tied_weight_one_routed_keeps_the_parameter() -> None:
     rewritten = et_int4.rewrite_int4_linears(ep)
     targets = _targets(rewritten)
     assert targets.count(OP) == 1 and targets.count(DEQUANTIZE) == 1
-    weight = next(n for n in rewritten.graph.nodes
-                  if n.op == "placeholder" and n.name.endswith("weight") and n.users)
-    assert rewritten.graph_signature.inputs_to_parameters[weight.name] in rewritten.state_dict
+    assert len(rewritten.state_dict.keys() - ep.state_dict.keys()) == 3  # packed once
+    # Export lifts the tied weight once per name and reads one: neither is read any more.
+    weights = {s.arg.name for s in rewritten.graph_signature.input_specs if s.target in ep.state_dict}
+    assert not any(n.users for n in rewritten.graph.nodes if n.name in weights)
+    op = next(n for n in rewritten.graph.nodes if n.target == OP)
+    assert _packed_inputs(rewritten) == {a.name for a in op.args[1:4]}
     ya, yb = rewritten.module()(a, b)
     ea, eb = ep.module()(a, b)
     assert torch.equal(ya, _linear(a, model.first.weight))
     assert torch.equal(yb, eb)
+
+
+def _packed_inputs(ep: torch.export.ExportedProgram) -> set[str]:
+    """The placeholders that the dequantize_affine nodes read, through the graph's unpacking."""
+    return {n.name for d in ep.graph.nodes if d.target == DEQUANTIZE
+            for n in _ancestors(d) if n.op == "placeholder"}
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 8), (1, 3, 7)], ids=str)
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["symmetric", "per-group zero"])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_large_m_reads_the_packed_weights_bit_identically(shape, asymmetric, group_size) -> None:
+    model = quantized(MLP(k=128, hidden=192), group_size=group_size, asymmetric=asymmetric)
+    ep = export(model, torch.randn(*shape, 128, dtype=torch.bfloat16))
+    decisions = et_int4.explain_int4_linears(ep)
+    assert [d.routed for d in decisions] == [False, False]
+    assert all("reading the packed weights" in d.reason for d in decisions)
+    rewritten = et_int4.rewrite_int4_linears(ep)
+
+    targets = _targets(rewritten)
+    assert targets.count(DEQUANTIZE) == 2 and OP not in targets
+    assert torch.ops.export.access_subclass_inner_tensor.default not in targets
+    packed = {f"{layer}.weight_et_int4_{field}" for layer in ("up_proj", "down_proj")
+              for field in ("qdata", "scale", "zero")}
+    assert set(rewritten.state_dict) == packed | {"down_proj.bias"} and not rewritten.constants
+    assert _packed_inputs(rewritten) == {s.arg.name for s in rewritten.graph_signature.input_specs
+                                         if s.target in packed}
+    for node in rewritten.graph.nodes:
+        if node.op != "output":
+            assert "val" in node.meta, node
+    for _ in range(3):
+        x = torch.randn(*shape, 128, dtype=torch.bfloat16) * 4
+        with torch.no_grad():
+            assert torch.equal(rewritten.module()(x), ep.module()(x))
+
+
+def test_dynamic_large_m_and_a_routed_method_share_the_buffers() -> None:
+    """A prefill-like export (M in [5, 64]) and a verify-like one (M = 4) of one model."""
+    model = quantized(MLP(), asymmetric=True)
+    prefill = export(model, torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                     dynamic_shapes=({1: Dim("T", min=5, max=64)},))
+    verify = export(model, torch.randn(1, 4, 64, dtype=torch.bfloat16))
+    prefill_r, verify_r = (et_int4.rewrite_int4_linears(ep) for ep in (prefill, verify))
+    assert _targets(verify_r).count(OP) == 2 and OP not in _targets(prefill_r)
+    assert set(prefill_r.state_dict) == set(verify_r.state_dict)
+    for key, tensor in prefill_r.state_dict.items():
+        assert torch.equal(tensor, verify_r.state_dict[key]), key
+    for t in (5, 17, 64):
+        x = torch.randn(1, t, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(prefill_r.module()(x), prefill.module()(x))
+
+
+def test_large_m_graph_lowers_to_the_edge_dialect() -> None:
+    """ExecuTorch's to_edge with its Core ATen check on: the unpacking is plain ops, and it adds no
+    tensor constants (the edge lowering names those by a per-program counter)."""
+    to_edge = pytest.importorskip("executorch.exir").to_edge
+    config = pytest.importorskip("executorch.exir").EdgeCompileConfig(_check_ir_validity=True)
+    model = quantized(MLP(), asymmetric=True)
+    ep = export(model, torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                dynamic_shapes=({1: Dim("T", min=5, max=64)},))
+    edge = to_edge(et_int4.rewrite_int4_linears(ep), compile_config=config).exported_program()
+    assert set(edge.state_dict) == set(et_int4.rewrite_int4_linears(ep).state_dict)
+    assert not edge.constants
+    x = torch.randn(1, 9, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(edge.module()(x), ep.module()(x))
 
 
 @pytest.mark.parametrize("case, reason", [

@@ -34,15 +34,18 @@ __all__ = [
     "tile_weights",
     "unpack_int4",
     "unpack_nibbles",
+    "unpack_tiled",
     "untile_weights",
 ]
 
+_aten = torch.ops.aten
 INT4_MIN, INT4_MAX = -8, 7
 _OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
 # The kernels quantize activations in blocks of 32 (C++: kBlockK) and need whole blocks per group.
 ACTIVATION_BLOCK = 32
 TILE_ROWS = 32  # weight rows per tile: N must be a multiple
 _WORDS = 4  # the 32-bit words a lane loads per tile and block
+_WORD_BYTES = 4
 _QUADS = TILE_ROWS // _WORDS  # g: lanes 4g .. 4g+3 share rows g, g+8, g+16, g+24
 TILE_BLOCK_BYTES = TILE_ROWS * ACTIVATION_BLOCK // 2  # one tile x one block of nibbles: 16 bytes a lane
 
@@ -179,27 +182,46 @@ def _untile_groups(t: torch.Tensor) -> torch.Tensor:
 
 def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2], scale [N, G] and zero
-    [N, G] (or [N, 1] where it was given one per row)."""
+    """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2] (qdata's dtype), scale
+    [N, G] and zero [N, G] (or [N, 1] where it was given one per row)."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
-    # Flattened first: a contiguous [1, L] tensor may have any stride on its size-1 dimension.
-    words = qdata.contiguous().view(torch.uint8).flatten().view(torch.int32).reshape(-1, blocks, _QUADS, _WORDS,
-                                                                                     _WORDS)
-    rows = words.permute(0, 4, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, k // 2)
+    # Bytes, not 32-bit words: reshapes and permutes of one byte dtype are plain ops for every
+    # compiler the pass's graph meets (a dtype view is not), and reshape takes any strides.
+    tiled = qdata.reshape(-1, blocks, _QUADS, _WORDS, _WORDS, _WORD_BYTES)
+    rows = tiled.permute(0, 4, 2, 1, 3, 5).reshape(n, k // 2)
     return rows, _untile_groups(scale), _untile_groups(zero)
 
 
 def unpack_nibbles(qdata: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] values u in [0, 15] from row-major uint8 (or int8) [N, K/2], low nibble = even k."""
-    packed = qdata.view(torch.uint8)
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    packed = qdata if qdata.dtype == torch.uint8 else qdata.view(torch.uint8)
+    # A floor division, not >> 4: a right shift is no Core ATen op (unpack_tiled runs in graphs
+    # that ExecuTorch's edge dialect checks). _aten's Scalar overloads: see unpack_tiled.
+    high = _aten.div.Scalar_mode(packed, 16, rounding_mode="floor")
+    return torch.stack((packed & 0xF, high), dim=-1).flatten(-2)
+
+
+def unpack_tiled(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchao's ``(qdata int8 [N, K], scale [N, G], zero_point int8 [N, G])`` from the op's tiled
+    uint8 qdata, scale and zero.
+
+    Traceable: only reshapes, permutes and elementwise ops on uint8/int8, so
+    ``rewrite_int4_linears`` emits exactly this into a graph to feed ``dequantize_affine`` from the
+    packed buffers (prefill), and :func:`unpack_int4` calls it on tensors.
+    """
+    rows, scale, zero = untile_weights(qdata, scale, zero)
+    # The Scalar overloads, named: ``t - 8`` traces to sub.Tensor, whose number ExecuTorch's edge
+    # lowering lifts into a tensor constant named by a per-program counter
+    # (``_lifted_tensor_constant<i>``), and its CUDA backend shares constants across methods by name.
+    qdata = _aten.sub.Scalar(unpack_nibbles(rows).to(torch.int8), _OFFSET)
+    return qdata, scale, _aten.sub.Scalar(zero, _OFFSET).expand_as(scale).contiguous()
 
 
 def unpack_int4(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact inverse of :func:`pack_int4`: ``(qdata int8 [N, K], scale, zero_point int8)``."""
-    rows, scale, zero = untile_weights(packed.qdata, packed.scale, packed.zero)
-    return unpack_nibbles(rows).to(torch.int8) - _OFFSET, scale, (zero - _OFFSET).expand_as(scale).contiguous()
+    return unpack_tiled(packed.qdata, packed.scale, packed.zero)
 
 
 def pack_torchao_weight(weight: torch.Tensor) -> PackedInt4:

@@ -2,17 +2,18 @@
 
 Methods, sharing the target's weights and KV cache:
   prefill        tokens [1, T] (min_prefill_len <= T <= max_seq_len), input_pos [T]
-                 -> logits [1, T, V], taps [1, T, 3 * dim]          linears left as dequant + linear,
+                 -> next [1, T] int64, taps [1, T, 3 * dim]         linears left as dequant + linear,
                                                                     over target_verify's packed weights
   target_verify  tokens [1, chain_len + 1], input_pos [chain_len + 1]
-                 -> logits, taps (as prefill)                       linears -> et_int4_plain_mm
+                 -> next, taps (as prefill)                         linears -> et_int4_plain_mm
   draft_decode   tokens [1, 1], input_pos [1], target_hidden [1, 1, 3 * dim],
                  draft_hidden [1, 1, dim], from_target [1] bool
-                 -> logits [1, 1, V], hidden [1, 1, dim]            linears -> et_int4_plain_mm
+                 -> next [1, 1] int64, hidden [1, 1, dim]           linears -> et_int4_plain_mm
   target_decode  (with --target-decode) tokens [1, 1], input_pos [1]: plain decoding, the target
-                 over one token -> logits, taps                     linears -> et_int4_plain_mm
-plus constant methods get_matvec_max_m, get_shim_gemm_max_m, get_chain_len, get_max_seq_len and
-get_min_prefill_len.
+                 over one token -> next, taps                       linears -> et_int4_plain_mm
+`next` is each row's greedy token (the argmax of its logits, on the GPU); with --logits every method
+also returns its logits ([1, T, V]) as a third output. Constant methods: get_matvec_max_m,
+get_shim_gemm_max_m, get_chain_len, get_max_seq_len, get_min_prefill_len and get_vocab_size.
 
     python -m et_int4.export.export_eagle --matvec-max-m 8 --output-dir out/
 
@@ -66,6 +67,7 @@ class ExportOptions:
     n_layers: int | None = None  # None: the config's
     rewrite: bool = True  # False: every int4 linear stays dequantize + linear (a baseline)
     target_decode: bool = False  # True: also DECODE_METHOD, the target over one token (plain decoding)
+    logits: bool = False  # True: every method also returns its logits (third output)
 
     def __post_init__(self):
         self.model_args  # built now, so that a bad n_layers fails here, not minutes into an export
@@ -143,7 +145,7 @@ def export_eagle(opts: ExportOptions) -> EagleExport:
         for name, (inputs, dynamic_shapes) in example_inputs(opts).items():
             done = _step(f"torch.export {name}")
             exported[name] = torch.export.export(
-                MethodModule(model, name), inputs, dynamic_shapes=dynamic_shapes)
+                MethodModule(model, name, logits=opts.logits), inputs, dynamic_shapes=dynamic_shapes)
             done()
     if not opts.rewrite:
         # No routing decisions to make: explaining them would only be thrown away (and could fail on
@@ -171,6 +173,7 @@ def constant_methods(opts: ExportOptions) -> dict:
         "get_chain_len": opts.chain_len,
         "get_max_seq_len": opts.model_args.max_seq_len,
         "get_min_prefill_len": opts.min_prefill_len,
+        "get_vocab_size": opts.model_args.vocab_size,
     }
 
 
@@ -288,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"also export {DECODE_METHOD}: the target over one token (plain decoding, "
                              f"M = 1), sharing the target's weights and KV cache; eagle_runner "
                              f"--mode=greedy --decode_method={DECODE_METHOD} runs it")
+    parser.add_argument("--logits", action="store_true",
+                        help="every method also returns its logits [1, T, V] (third output), for "
+                             "sampling on the host; eagle_runner reads only the greedy tokens")
     parser.add_argument("--dry-run", action="store_true",
                         help="stop after routing and the summary; needs no GPU")
     return parser
@@ -321,7 +327,7 @@ def parse_options(parser: argparse.ArgumentParser, argv=None):
             parser.error(f"--group-size {ns.group_size}: {error} ({name} of --config {ns.config})")
     try:
         opts = ExportOptions(ns.config, ns.chain_len, limit, ns.group_size, ns.max_seq_len, ns.seed,
-                             ns.n_layers, not ns.no_rewrite, ns.target_decode)
+                             ns.n_layers, not ns.no_rewrite, ns.target_decode, ns.logits)
     except ValueError as error:  # the model's own checks: the layer count is the only flag that can fail them
         parser.error(f"--n-layers {ns.n_layers}: {error}")
     max_seq_len = opts.model_args.max_seq_len

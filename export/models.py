@@ -249,16 +249,25 @@ METHOD_PARTS = {
 
 
 class MethodModule(nn.Module):
-    """One method of an EagleModel as a module that torch.export can trace."""
+    """One method of an EagleModel as a module that torch.export can trace.
 
-    def __init__(self, model: EagleModel, method: str):
+    It returns what a greedy decoding loop reads: (tokens, features), where tokens [1, T] int64 are
+    each row's argmax, computed on the GPU inside the program, so that the logits (T x V) never
+    cross to the host, and features are the method's second output (taps or hidden). With
+    ``logits`` the logits follow as a third output (host-side sampling, numerics checks).
+    """
+
+    def __init__(self, model: EagleModel, method: str, *, logits: bool = False):
         super().__init__()
         for part in METHOD_PARTS[method]:
             self.add_module(part, getattr(model, part))
         self._method = getattr(model, method)
+        self._logits = logits
 
     def forward(self, *args):
-        return self._method(*args)
+        logits, features = self._method(*args)
+        tokens = logits.argmax(-1)
+        return (tokens, features, logits) if self._logits else (tokens, features)
 
 
 @contextlib.contextmanager

@@ -272,21 +272,34 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
 
     options = ExportOptions(config="tiny", chain_len=3, matvec_max_m=4, max_seq_len=64, target_decode=True)
     model = build_model(options.model_args)
-    with torch.no_grad():
-        programs = {name: torch.export.export(MethodModule(model, name), inputs, dynamic_shapes=dynamic)
-                    for name, (inputs, dynamic) in example_inputs(options).items()}
-    constants = {"get_chain_len": options.chain_len, "get_max_seq_len": options.model_args.max_seq_len,
-                 "get_min_prefill_len": options.min_prefill_len}
-    program = to_edge_transform_and_lower(programs, compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                          constant_methods=constants).to_executorch(
-        ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
-    pte = tmp_path / "eagle_portable.pte"
-    pte.write_bytes(program.buffer)
+
+    class LogitsFirst(torch.nn.Module):  # a method as exported before the greedy tokens were output 0
+        def __init__(self, name):
+            super().__init__()
+            self.method = MethodModule(model, name, logits=True)
+
+        def forward(self, *args):
+            _, features, logits = self.method(*args)
+            return logits, features
+
+    def lowered(make_module, methods, name):
+        with torch.no_grad():
+            programs = {method: torch.export.export(make_module(method), inputs, dynamic_shapes=dynamic)
+                        for method, (inputs, dynamic) in example_inputs(options).items() if method in methods}
+        constants = {"get_chain_len": options.chain_len, "get_max_seq_len": options.model_args.max_seq_len,
+                     "get_min_prefill_len": options.min_prefill_len, "get_vocab_size": options.model_args.vocab_size}
+        program = to_edge_transform_and_lower(programs, compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                              constant_methods=constants).to_executorch(
+            ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+        (tmp_path / name).write_bytes(program.buffer)
+        return tmp_path / name
+
+    pte = lowered(lambda method: MethodModule(model, method), options.methods, "eagle_portable.pte")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("5 6 7\n1 2 3 4 5 6 7 8 9 10 11\n")
 
-    def runner(**kwargs):
-        flags = EagleRun(pte, prompts_file=prompts, **kwargs).flags()
+    def runner(program=pte, **kwargs):
+        flags = EagleRun(program, prompts_file=prompts, **kwargs).flags()
         return subprocess.run([os.environ[RUNNER_ENV], *flags], env=runner_env(), capture_output=True, text=True,
                               timeout=600)
 
@@ -319,3 +332,7 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
     assert refused.returncode == 2
     assert "reference_file has 1 line(s) for 2 prompt(s)" in refused.stderr
     assert "== prompt" not in refused.stdout
+    old = runner(lowered(LogitsFirst, ("prefill", "target_verify"), "logits_first.pte"), mode="greedy")
+    assert old.returncode == 1 and "== prompt" not in old.stdout
+    assert "prefill returns BFloat16 first, not the int64 greedy tokens" in old.stderr
+    assert "re-export it" in old.stderr

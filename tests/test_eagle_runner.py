@@ -93,15 +93,15 @@ def test_greedy_decoding_follows_the_target(program, prompts, greedy):
         sequence = prompt + generated
         padded = prompt + [prompt[-1]] * max(0, OPTIONS.min_prefill_len - len(prompt))
         with torch.no_grad():
-            logits, _ = prefill(torch.tensor([padded]), torch.arange(len(padded)))
-            predicted = {len(prompt): int(logits[0, len(prompt) - 1].argmax())}
+            greedy, _ = prefill(torch.tensor([padded]), torch.arange(len(padded)))
+            predicted = {len(prompt): int(greedy[0, len(prompt) - 1])}
             caches = dict(prefill.named_buffers())
             for name, buffer in verify.named_buffers():
                 if name.endswith(("k_cache", "v_cache")):
                     buffer.copy_(caches[name])
             for start in range(len(prompt), len(sequence) - window, window):
-                logits, _ = verify(torch.tensor([sequence[start:start + window]]), torch.arange(start, start + window))
-                predicted.update({start + 1 + i: int(t) for i, t in enumerate(logits[0].argmax(-1))})
+                greedy, _ = verify(torch.tensor([sequence[start:start + window]]), torch.arange(start, start + window))
+                predicted.update({start + 1 + i: int(t) for i, t in enumerate(greedy[0])})
         for position, token in predicted.items():
             agree += token == sequence[position]
             total += 1

@@ -18,11 +18,14 @@ import torch
 from et_int4 import runtime
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import DECODE_METHOD, METHODS, ExportOptions, export_eagle
+from et_int4.export.models import MethodModule, build_model
 from numerics import rel_error
 
 CHAIN_LEN = 3
-OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32, target_decode=True)
-ARGV = ["--chain-len", "3", "--matvec-max-m", "4", "--max-seq-len", "32", "--target-decode"]
+# With the logits (third output) that the numerics tests compare; the greedy tokens come first.
+OPTIONS = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32, target_decode=True,
+                        logits=True)
+ARGV = ["--chain-len", "3", "--matvec-max-m", "4", "--max-seq-len", "32", "--target-decode", "--logits"]
 N_TARGET_LINEARS = OPTIONS.model_args.n_layers * 7 + 1  # q k v o, w1 w2 w3 per layer; lm_head
 N_DRAFT_LINEARS = 9  # fc, q k v o, w1 w2 w3, lm_head
 
@@ -244,6 +247,21 @@ def test_the_bench_refuses_too_few_layers_with_the_models_check(capsys):
     assert "--layers 1: EAGLE-3 taps layers 1 .. n_layers - 1" in capsys.readouterr().err
 
 
+def test_methods_return_greedy_tokens_and_features_by_default():
+    """The loop's outputs only: each row's argmax as int64, then the taps or hidden state; the
+    logits (rows x vocab) stay on the device unless --logits asks for them."""
+    opts = ExportOptions(config="tiny", chain_len=CHAIN_LEN, matvec_max_m=4, max_seq_len=32)
+    assert not opts.logits and cli.parse_options(cli.build_parser(), ARGV)[0].logits
+    model = build_model(opts.model_args)
+    tokens, pos = _tokens(CHAIN_LEN + 1), torch.arange(CHAIN_LEN + 1)
+    with torch.no_grad():
+        greedy, taps = MethodModule(model, "target_verify")(tokens, pos)
+        ref_logits, ref_taps = model.target_verify(tokens, pos)
+    assert greedy.dtype == torch.int64 and torch.equal(greedy, ref_logits.argmax(-1))
+    assert torch.equal(taps, ref_taps)
+    assert cli.constant_methods(opts)["get_vocab_size"] == opts.model_args.vocab_size
+
+
 def test_target_decode_is_off_by_default():
     opts, _ = cli.parse_options(cli.build_parser(), ["--chain-len", "3"])
     assert not opts.target_decode and opts.methods == METHODS
@@ -267,8 +285,9 @@ def test_target_verify_matches_eager(exported):
     tokens, pos = _tokens(CHAIN_LEN + 1), torch.arange(CHAIN_LEN + 1)
     _reset_caches(model, verify)
     with torch.no_grad():
-        logits, taps = verify(tokens, pos)
+        greedy, taps, logits = verify(tokens, pos)
         ref_logits, ref_taps = model.target_verify(tokens, pos)
+    assert greedy.dtype == torch.int64 and torch.equal(greedy, logits.argmax(-1))
     # W4A8 (the op) against W4A16 (eager dequant + linear).
     assert rel_error(logits, ref_logits) < 5e-2
     assert rel_error(taps, ref_taps) < 5e-2
@@ -282,8 +301,9 @@ def test_draft_decode_matches_eager(exported, from_target):
     inputs = _draft_inputs(from_target)
     _reset_caches(model, draft)
     with torch.no_grad():
-        logits, hidden = draft(*inputs)
+        greedy, hidden, logits = draft(*inputs)
         ref_logits, ref_hidden = model.draft_decode(*inputs)
+    assert greedy.shape == (1, 1) and torch.equal(greedy, logits.argmax(-1))
     assert rel_error(logits, ref_logits) < 5e-2
     assert rel_error(hidden, ref_hidden) < 5e-2
 
@@ -297,12 +317,12 @@ def test_target_decode_is_row_0_of_target_verify(exported):
     tokens, pos = _tokens(CHAIN_LEN + 1), torch.arange(5, 5 + CHAIN_LEN + 1)
     _reset_caches(verify, decode)
     with torch.no_grad():
-        verify_logits, verify_taps = verify(tokens, pos)
-        decode_logits, decode_taps = decode(tokens[:, :1], pos[:1])
+        verify_greedy, verify_taps, verify_logits = verify(tokens, pos)
+        decode_greedy, decode_taps, decode_logits = decode(tokens[:, :1], pos[:1])
     assert decode_logits.shape == (1, 1, OPTIONS.model_args.vocab_size)
     assert rel_error(decode_logits[0, 0], verify_logits[0, 0]) < 1e-2
     assert rel_error(decode_taps[0, 0], verify_taps[0, 0]) < 1e-2
-    assert decode_logits[0, 0].argmax() == verify_logits[0, 0].argmax()
+    assert decode_greedy[0, 0] == verify_greedy[0, 0]
 
 
 def test_prefill_is_left_untouched(exported):
@@ -332,9 +352,9 @@ def test_kv_cache_is_shared_between_prefill_and_verify(exported, rewritten):
         prefill(tokens[:, :n], torch.arange(n))
         for name, buf in _kv_buffers(verify).items():
             buf.copy_(_kv_buffers(prefill)[name])
-        logits, taps = verify(tokens[:, n:], torch.arange(n, n + k))
+        _, taps, logits = verify(tokens[:, n:], torch.arange(n, n + k))
         _reset_caches(prefill)
-        ref_logits, ref_taps = prefill(tokens, torch.arange(n + k))
+        _, ref_taps, ref_logits = prefill(tokens, torch.arange(n + k))
     ref_logits, ref_taps = ref_logits[:, n:], ref_taps[:, n:]
     tolerance = 5e-2 if rewritten else 1e-2  # W4A8 verify against W4A16 prefill, or bf16 rounding
     assert rel_error(logits, ref_logits) < tolerance
@@ -444,6 +464,6 @@ def test_aoti_runtime_matches_the_rewritten_program(method, tmp_path):
         expected = eager(*inputs)
         actual = compiled(*inputs)
     # The same kernel on both sides; only Inductor's fusions around it differ.
-    for out, ref in zip(actual, expected):
-        assert rel_error(out, ref) < 1e-2
-    assert (actual[0].argmax(-1) == expected[0].argmax(-1)).float().mean() >= 0.75
+    assert len(actual) == len(expected) == 2  # greedy tokens and the features, no logits
+    assert rel_error(actual[1], expected[1]) < 1e-2
+    assert (actual[0] == expected[0]).float().mean() >= 0.75

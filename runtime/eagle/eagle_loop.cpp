@@ -216,7 +216,7 @@ void Shape::check() const {
                                 " does not fit max_seq_len " + std::to_string(max_seq_len));
   }
   if (vocab_size < 2) {
-    throw std::invalid_argument("the logits have " + std::to_string(vocab_size) + " columns; expected a vocabulary");
+    throw std::invalid_argument("get_vocab_size is " + std::to_string(vocab_size) + "; expected a vocabulary of 2 or more");
   }
 }
 

@@ -8,7 +8,6 @@
 // (runtime/eagle_runner.py parses it), flushed. It loads only the methods its --mode runs: prefill
 // and --decode_method (greedy), or prefill, target_verify and draft_decode (speculative).
 #include <iostream>
-#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -17,6 +16,7 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/core/exec_aten/util/scalar_type_util.h>
 #include <executorch/runtime/platform/runtime.h>
 #include <gflags/gflags.h>
 
@@ -72,38 +72,12 @@ T check(executorch::runtime::Result<T> result, const std::string& what) {
   return std::move(result.get());
 }
 
-template <typename T>
-std::vector<int64_t> argmax_rows(const T* data, size_t rows, size_t columns) {
-  std::vector<int64_t> result(rows);
-  for (size_t r = 0; r < rows; ++r) {
-    const T* row = data + r * columns;
-    float best = -std::numeric_limits<float>::infinity();
-    for (size_t c = 0; c < columns; ++c) {
-      const float value = static_cast<float>(row[c]);
-      if (value != value) {
-        throw std::runtime_error("the logits of row " + std::to_string(r) + " hold NaN");
-      }
-      if (value > best || c == 0) {  // the first of equal maxima, as torch.argmax
-        best = value;
-        result[r] = static_cast<int64_t>(c);
-      }
-    }
-  }
-  return result;
-}
-
-// Argmax of each row of logits [1, rows, vocab].
-std::vector<int64_t> argmax(const executorch::aten::Tensor& logits) {
-  const size_t columns = logits.size(logits.dim() - 1), rows = logits.numel() / columns;
-  switch (logits.scalar_type()) {
-    case ScalarType::Float: return argmax_rows(logits.const_data_ptr<float>(), rows, columns);
-    case ScalarType::BFloat16:
-      return argmax_rows(logits.const_data_ptr<executorch::aten::BFloat16>(), rows, columns);
-    case ScalarType::Half: return argmax_rows(logits.const_data_ptr<executorch::aten::Half>(), rows, columns);
-    default:
-      throw std::runtime_error("logits of dtype " + std::to_string(static_cast<int>(logits.scalar_type())) +
-                               "; expected float, bfloat16 or half");
-  }
+// Output 0 of every method: the greedy token of each row, argmax computed on the GPU inside the
+// program, so that neither the logits nor a scan of them cross to the host (int64, which
+// ExecuTorchMethods::read_shape checks).
+std::vector<int64_t> tokens_of(const executorch::aten::Tensor& tokens) {
+  const auto* data = tokens.const_data_ptr<int64_t>();
+  return {data, data + tokens.numel()};
 }
 
 std::vector<uint8_t> bytes_of(const executorch::aten::Tensor& t) {
@@ -131,8 +105,16 @@ class ExecuTorchMethods : public eagle::Methods {
     shape.chain_len = constant("get_chain_len");
     shape.max_seq_len = constant("get_max_seq_len");
     shape.min_prefill_len = constant("get_min_prefill_len");
-    auto logits = tensor_meta(module_, kPrefill, 0, false);
-    shape.vocab_size = logits.sizes()[logits.sizes().size() - 1];
+    shape.vocab_size = constant("get_vocab_size");
+    for (const char* method : speculative ? std::vector<const char*>{kPrefill, kVerify, kDraft}
+                                          : std::vector<const char*>{kPrefill, decode_method_.c_str()}) {
+      const auto type = tensor_meta(module_, method, 0, false).scalar_type();
+      if (type != ScalarType::Long) {
+        throw std::runtime_error(std::string(method) + " returns " + executorch::runtime::toString(type) +
+                                 " first, not the int64 greedy tokens of each row: the program predates them; "
+                                 "re-export it with export/export_eagle.py");
+      }
+    }
     if (!speculative) {
       shape.decode_window = tensor_meta(module_, decode_method_.c_str(), 0, true).sizes()[1];
       return shape;
@@ -182,7 +164,7 @@ class ExecuTorchMethods : public eagle::Methods {
                                          hidden_type_),
         executorch::extension::from_blob(&from_target_data, {1}, ScalarType::Bool)};
     auto outputs = run(kDraft, inputs);
-    return {argmax(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
+    return {tokens_of(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
   }
 
  private:
@@ -199,7 +181,7 @@ class ExecuTorchMethods : public eagle::Methods {
     std::vector<TensorPtr> inputs{executorch::extension::from_blob(token_data.data(), {1, n}, ScalarType::Long),
                                   executorch::extension::from_blob(positions.data(), {n}, ScalarType::Long)};
     auto outputs = run(method, inputs);
-    return {argmax(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
+    return {tokens_of(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
   }
 
   std::vector<EValue> run(const char* method, const std::vector<TensorPtr>& inputs) {

@@ -78,19 +78,19 @@ def greedy(program, prompts, tmp_path_factory):
     return tokens, path
 
 
-def test_greedy_decoding_follows_the_target(program, prompts, greedy):
-    """The runner's greedy tokens are the target's argmax, checked with the rewritten programs run
-    eagerly on CPU over the same tokens (teacher forcing): the KV cache that prefill writes is the
-    one target_verify reads."""
+def agreement_with_the_target(program, prompts, generated) -> tuple[int, int]:
+    """Positions at which generated tokens are the target's argmax, and positions checked: the
+    rewritten programs run eagerly on CPU over the same tokens (teacher forcing), the KV cache that
+    prefill writes being the one target_verify reads."""
     prefill, verify = program[0]["prefill"], program[0]["target_verify"]
     window = OPTIONS.chain_len + 1
     agree = total = 0
-    for prompt, generated in zip(prompts[0], greedy[0]):
+    for prompt, tokens in zip(prompts, generated):
         for module in (prefill, verify):
             for name, buffer in module.named_buffers():
                 if name.endswith(("k_cache", "v_cache")):
                     buffer.zero_()
-        sequence = prompt + generated
+        sequence = prompt + tokens
         padded = prompt + [prompt[-1]] * max(0, OPTIONS.min_prefill_len - len(prompt))
         with torch.no_grad():
             greedy, _ = prefill(torch.tensor([padded]), torch.arange(len(padded)))
@@ -105,6 +105,12 @@ def test_greedy_decoding_follows_the_target(program, prompts, greedy):
         for position, token in predicted.items():
             agree += token == sequence[position]
             total += 1
+    return agree, total
+
+
+def test_greedy_decoding_follows_the_target(program, prompts, greedy):
+    """The runner's greedy tokens are the target's argmax."""
+    agree, total = agreement_with_the_target(program, prompts[0], greedy[0])
     assert agree / total >= ARGMAX_AGREEMENT, f"{agree} of {total} positions agree"
 
 
@@ -115,18 +121,20 @@ def loaded_methods(tmp_path: Path) -> list[str]:
     return header.split(", loaded ")[1].split()
 
 
-def test_plain_decoding_over_target_decode_is_greedy_decoding(program, prompts, greedy, tmp_path):
-    """target_decode (M = 1) gives the tokens of target_verify's row 0 (M = chain_len + 1): the kernel
-    computes row 0 the same way for every M. Loading only prefill and target_decode also keeps
-    ExecuTorch 1.4.1 from loading a method all of whose weights are cached (it crashed)."""
+def test_plain_decoding_over_target_decode_follows_the_target(program, prompts, tmp_path):
+    """Greedy decoding over target_decode (M = 1) picks the target's argmax, as greedy decoding over
+    target_verify does. Not token for token the same sequence: the kernel computes a row the same
+    way for every M (test_kernels_cuda), but the compiled programs around it do not (on an H100,
+    2026-11-26, AOTInductor's M = 1 and M = 8 programs gave logits that differ by up to 0.018 at 30
+    of 96 positions), so a near tie can go the other way, and a free-running sequence differs from
+    that token on. Loading only prefill and target_decode also keeps ExecuTorch 1.4.1 from loading
+    a method all of whose weights are cached (it crashed)."""
     reports = run_runner(program, tmp_path, prompts_file=prompts[1], mode="greedy", decode_method=DECODE_METHOD,
                          max_new_tokens=REFERENCE_TOKENS)
     assert loaded_methods(tmp_path) == ["prefill", DECODE_METHOD]
-    for report in reports:
-        expected = greedy[0][report.prompt]
-        first = next((i for i, (a, b) in enumerate(zip(report.tokens, expected)) if a != b), None)
-        assert report.tokens == expected, f"prompt {report.prompt}: tokens differ from position {first} on"
-        assert report.decode.calls == REFERENCE_TOKENS - 1
+    assert [r.decode.calls for r in reports] == [REFERENCE_TOKENS - 1] * len(prompts[0])
+    agree, total = agreement_with_the_target(program, prompts[0], [r.tokens for r in reports])
+    assert agree / total >= ARGMAX_AGREEMENT, f"{agree} of {total} positions agree"
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["plain", "cuda_graphs"])

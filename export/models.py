@@ -248,12 +248,16 @@ METHOD_PARTS = {
 }
 
 
+NAN_TOKEN = -1  # the token of a row whose logits hold a NaN (argmax alone would return its index)
+
+
 class MethodModule(nn.Module):
     """One method of an EagleModel as a module that torch.export can trace.
 
     It returns what a greedy decoding loop reads: (tokens, features), where tokens [1, T] int64 are
     each row's argmax, computed on the GPU inside the program, so that the logits (T x V) never
-    cross to the host, and features are the method's second output (taps or hidden). With
+    cross to the host, and features are the method's second output (taps or hidden). A row whose
+    logits hold a NaN gets NAN_TOKEN instead of the NaN's index, so that a runner can refuse it. With
     ``logits`` the logits follow as a third output (host-side sampling, numerics checks).
     """
 
@@ -266,7 +270,7 @@ class MethodModule(nn.Module):
 
     def forward(self, *args):
         logits, features = self._method(*args)
-        tokens = logits.argmax(-1)
+        tokens = torch.where(logits.isnan().any(-1), NAN_TOKEN, logits.argmax(-1))
         return (tokens, features, logits) if self._logits else (tokens, features)
 
 

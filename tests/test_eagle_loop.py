@@ -265,7 +265,7 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
     the plumbing, not the numbers: speculative and greedy decoding still agree, and forced drafts
     are accepted as forced."""
     import torch
-    from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions, example_inputs
+    from et_int4.export.export_eagle import DECODE_METHOD, ExportOptions, constant_methods, example_inputs
     from et_int4.export.models import MethodModule, build_model
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -286,10 +286,8 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
         with torch.no_grad():
             programs = {method: torch.export.export(make_module(method), inputs, dynamic_shapes=dynamic)
                         for method, (inputs, dynamic) in example_inputs(options).items() if method in methods}
-        constants = {"get_chain_len": options.chain_len, "get_max_seq_len": options.model_args.max_seq_len,
-                     "get_min_prefill_len": options.min_prefill_len, "get_vocab_size": options.model_args.vocab_size}
         program = to_edge_transform_and_lower(programs, compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                              constant_methods=constants).to_executorch(
+                                              constant_methods=constant_methods(options)).to_executorch(
             ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
         (tmp_path / name).write_bytes(program.buffer)
         return tmp_path / name
@@ -336,3 +334,9 @@ def test_the_built_runner_drives_a_program_without_the_cuda_backend(tmp_path):
     assert old.returncode == 1 and "== prompt" not in old.stdout
     assert "prefill returns BFloat16 first, not the int64 greedy tokens" in old.stderr
     assert "re-export it" in old.stderr
+    nan_model = build_model(options.model_args)
+    nan_model.target.norm.weight.data[0] = float("nan")
+    nan = runner(lowered(lambda method: MethodModule(nan_model, method), ("prefill", "target_verify"), "nan.pte"),
+                 mode="greedy")
+    assert nan.returncode == 1 and "== prompt" not in nan.stdout
+    assert "prefill: the logits of row 0 hold NaN" in nan.stderr

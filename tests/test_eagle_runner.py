@@ -125,7 +125,7 @@ def test_plain_decoding_over_target_decode_follows_the_target(program, prompts, 
     """Greedy decoding over target_decode (M = 1) picks the target's argmax, as greedy decoding over
     target_verify does. Not token for token the same sequence: the kernel computes a row the same
     way for every M (test_kernels_cuda), but the compiled programs around it do not (on an H100,
-    2026-11-26, AOTInductor's M = 1 and M = 8 programs gave logits that differ by up to 0.018 at 30
+    2026-11-27, AOTInductor's M = 1 and M = 8 programs gave logits that differ by up to 0.018 at 30
     of 96 positions), so a near tie can go the other way, and a free-running sequence differs from
     that token on. Loading only prefill and target_decode also keeps ExecuTorch 1.4.1 from loading
     a method all of whose weights are cached (it crashed)."""

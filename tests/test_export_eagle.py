@@ -18,7 +18,7 @@ import torch
 from et_int4 import runtime
 from et_int4.export import export_eagle as cli
 from et_int4.export.export_eagle import DECODE_METHOD, METHODS, ExportOptions, export_eagle
-from et_int4.export.models import MethodModule, build_model
+from et_int4.export.models import NAN_TOKEN, MethodModule, build_model
 from numerics import rel_error
 
 CHAIN_LEN = 3
@@ -260,6 +260,10 @@ def test_methods_return_greedy_tokens_and_features_by_default():
     assert greedy.dtype == torch.int64 and torch.equal(greedy, ref_logits.argmax(-1))
     assert torch.equal(taps, ref_taps)
     assert cli.constant_methods(opts)["get_vocab_size"] == opts.model_args.vocab_size
+    model.target.norm.weight.data[0] = float("nan")  # every row's logits then hold NaN
+    with torch.no_grad():
+        greedy, _ = MethodModule(model, "target_verify")(tokens, pos)
+    assert (greedy == NAN_TOKEN).all(), "a NaN row must not pass for the NaN's index"
 
 
 def test_target_decode_is_off_by_default():

@@ -74,9 +74,14 @@ T check(executorch::runtime::Result<T> result, const std::string& what) {
 
 // Output 0 of every method: the greedy token of each row, argmax computed on the GPU inside the
 // program, so that neither the logits nor a scan of them cross to the host (int64, which
-// ExecuTorchMethods::read_shape checks).
-std::vector<int64_t> tokens_of(const executorch::aten::Tensor& tokens) {
+// ExecuTorchMethods::read_shape checks; -1 where the row's logits hold a NaN).
+std::vector<int64_t> tokens_of(const executorch::aten::Tensor& tokens, const char* method) {
   const auto* data = tokens.const_data_ptr<int64_t>();
+  for (size_t row = 0; row < static_cast<size_t>(tokens.numel()); ++row) {
+    if (data[row] < 0) {
+      throw std::runtime_error(std::string(method) + ": the logits of row " + std::to_string(row) + " hold NaN");
+    }
+  }
   return {data, data + tokens.numel()};
 }
 
@@ -164,7 +169,7 @@ class ExecuTorchMethods : public eagle::Methods {
                                          hidden_type_),
         executorch::extension::from_blob(&from_target_data, {1}, ScalarType::Bool)};
     auto outputs = run(kDraft, inputs);
-    return {tokens_of(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
+    return {tokens_of(outputs[0].toTensor(), kDraft), bytes_of(outputs[1].toTensor())};
   }
 
  private:
@@ -181,7 +186,7 @@ class ExecuTorchMethods : public eagle::Methods {
     std::vector<TensorPtr> inputs{executorch::extension::from_blob(token_data.data(), {1, n}, ScalarType::Long),
                                   executorch::extension::from_blob(positions.data(), {n}, ScalarType::Long)};
     auto outputs = run(method, inputs);
-    return {tokens_of(outputs[0].toTensor()), bytes_of(outputs[1].toTensor())};
+    return {tokens_of(outputs[0].toTensor(), method), bytes_of(outputs[1].toTensor())};
   }
 
   std::vector<EValue> run(const char* method, const std::vector<TensorPtr>& inputs) {

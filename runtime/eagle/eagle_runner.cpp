@@ -85,6 +85,13 @@ std::vector<int64_t> tokens_of(const executorch::aten::Tensor& tokens, const cha
   return {data, data + tokens.numel()};
 }
 
+// The methods a mode runs, which are the only ones it loads: prefill and the decode method
+// (greedy), or prefill, target_verify and draft_decode (speculative).
+std::vector<std::string> methods_of(bool speculative, const std::string& decode_method) {
+  return speculative ? std::vector<std::string>{kPrefill, kVerify, kDraft}
+                     : std::vector<std::string>{kPrefill, decode_method};
+}
+
 std::vector<uint8_t> bytes_of(const executorch::aten::Tensor& t) {
   const auto* data = t.const_data_ptr<uint8_t>();
   return {data, data + t.nbytes()};
@@ -111,11 +118,10 @@ class ExecuTorchMethods : public eagle::Methods {
     shape.max_seq_len = constant("get_max_seq_len");
     shape.min_prefill_len = constant("get_min_prefill_len");
     shape.vocab_size = constant("get_vocab_size");
-    for (const char* method : speculative ? std::vector<const char*>{kPrefill, kVerify, kDraft}
-                                          : std::vector<const char*>{kPrefill, decode_method_.c_str()}) {
-      const auto type = tensor_meta(module_, method, 0, false).scalar_type();
+    for (const auto& method : methods_of(speculative, decode_method_)) {
+      const auto type = tensor_meta(module_, method.c_str(), 0, false).scalar_type();
       if (type != ScalarType::Long) {
-        throw std::runtime_error(std::string(method) + " returns " + executorch::runtime::toString(type) +
+        throw std::runtime_error(method + " returns " + executorch::runtime::toString(type) +
                                  " first, not the int64 greedy tokens of each row: the program predates them; "
                                  "re-export it with export/export_eagle.py");
       }
@@ -241,9 +247,7 @@ int run_prompts() {
   // that both shares and adds weights leaves the cache entries of the ones it added dangling for the
   // methods loaded after it (bench/RESULTS.md). Our exports have no such method since prefill reads
   // the packed weights too; a program with one still runs here as long as its mode skips it.
-  const std::vector<std::string> needed =
-      speculative ? std::vector<std::string>{kPrefill, kVerify, kDraft}
-                  : std::vector<std::string>{kPrefill, FLAGS_decode_method};
+  const std::vector<std::string> needed = methods_of(speculative, FLAGS_decode_method);
   for (const auto& name : needed) {
     if (!names.count(name)) {
       throw std::invalid_argument(FLAGS_model_path + " has no method " + name +

@@ -128,6 +128,15 @@ __device__ __forceinline__ uint4 load_stream_16(const uint4* p) {
   return v;
 }
 
+// A tile's ticket, with release semantics for the partial sums this CTA stored (ordered before it
+// by __syncthreads, as CUTLASS's semaphores do) and acquire semantics for the other CTAs': one L2
+// round trip, where __threadfence + atomicAdd + __threadfence waited on three.
+__device__ __forceinline__ unsigned take_ticket(unsigned* counter) {
+  unsigned ticket;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(ticket) : "l"(counter) : "memory");
+  return ticket;
+}
+
 struct GemmParams {
   const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
   const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
@@ -433,12 +442,10 @@ w4a8_gemm(const GemmParams p) {
   if (p.splits == 1) return;
 
   // Split K: the last CTA of the tile adds the partial sums, in split order (deterministic).
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) ticket = atomicAdd(p.counters + tile, 1u);
+  if (threadIdx.x == 0) ticket = take_ticket(p.counters + tile);
   __syncthreads();
   if (ticket != static_cast<unsigned>(p.splits - 1)) return;
-  __threadfence();
   for (int i = threadIdx.x; i < kAcc * 32; i += kWarps * 32) {
     int row, col;
     slot_position<kCols>(tile, i / 32, i % 32, row, col);

@@ -212,7 +212,7 @@ SANITIZER_CASE = textwrap.dedent(
     import torch, et_int4
     from numerics import random_operands
     g = torch.Generator(device="cuda").manual_seed(0)
-    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not.
+    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide CTAs and not.
     for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64),
                         (1, 128, 8192, 128), (5, 14336, 256, 128)):
         x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda")

@@ -11,7 +11,8 @@
 //     tiled layout, packing.py), and two mma.m16n8k32 multiply them with all (up to 8) activation
 //     rows: each weight byte is read once and costs the same instructions whatever m is.
 // A CTA's warps split the tile's blocks and reduce through shared memory; where the row tiles are
-// too few to fill the GPU, CTAs also split K and the last one of a tile adds their partial sums.
+// too few to fill the GPU, K is split further: over a wide CTA (twice the warps, one per SM) and, where
+// that is still too few, over CTAs too, the last of which adds the tile's partial sums.
 #include "backends/cuda/int4/int4_mm.h"
 
 #include <cuda_bf16.h>
@@ -38,6 +39,9 @@
 #ifndef ET_INT4_CTAS_PER_SM
 #define ET_INT4_CTAS_PER_SM 2
 #endif
+#ifndef ET_INT4_WIDE_CTAS
+#define ET_INT4_WIDE_CTAS 1
+#endif
 
 namespace et_int4::cuda {
 namespace {
@@ -46,8 +50,14 @@ namespace {
 constexpr int kColTile = 8;                   // mma n: activation rows per B fragment
 constexpr int kStageBlocks = ET_INT4_STAGE_BLOCKS;  // blocks a warp loads before it computes
 constexpr bool kPrefetch = ET_INT4_PREFETCH;  // load the next stage before computing this one
-constexpr int kWarps = ET_INT4_CTA_WARPS;
+constexpr int kCtaWarps = ET_INT4_CTA_WARPS;
 constexpr int kCtasPerSm = ET_INT4_CTAS_PER_SM;  // register budget: 65536 / (kCtasPerSm * threads)
+// A wide CTA holds the warps of kCtasPerSm CTAs (the same registers each) and takes a tile's K that
+// would otherwise be split over as many CTAs: it adds their sums in shared memory, not through the
+// partial sums' L2 round trips. Not where the build allows m > 8: the 16-column kernel needs ~190
+// registers, which a wide CTA's warps do not have.
+constexpr int kWideWarps = kCtasPerSm * kCtaWarps;
+constexpr bool kWideCtas = ET_INT4_WIDE_CTAS && kCtasPerSm > 1 && kWideWarps <= 32 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
 constexpr int kQuantThreads = 256;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.
@@ -182,7 +192,7 @@ struct WeightCursor {
 // Loads the stage `ahead` strides past the cursor's; valid = blocks of it inside the warp's share
 // (only the last stage has fewer than kStageBlocks: it loads its last block again in their place,
 // no branch keeps the loads of a stage from being issued together).
-template <int kGroupBlocks, bool kExactGroups, bool kRowZeros, int kAhead>
+template <int kWarps, int kGroupBlocks, bool kExactGroups, bool kRowZeros, int kAhead>
 __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const WeightCursor& c,
                                                           const uint2* ws, const uint32_t* wz,
                                                           int first, int valid) {
@@ -358,8 +368,13 @@ __device__ __forceinline__ void slot_position(int tile, int slot, int lane, int&
   col = ct * kColTile + 2 * (lane % 4) + e;
 }
 
-template <int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
-__global__ void __launch_bounds__(kWarps * 32, kCols > kColTile ? kCtasPerSm / 2 : kCtasPerSm)
+// Resident CTAs per SM that the register budget is set for.
+constexpr int ctas_per_sm(int warps, int cols) {
+  return warps == kWideWarps ? 1 : cols > kColTile ? kCtasPerSm / 2 : kCtasPerSm;
+}
+
+template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
+__global__ void __launch_bounds__(kWarps * 32, ctas_per_sm(kWarps, kCols))
 w4a8_gemm(const GemmParams p) {
   using C = Cols<kCols>;
   constexpr int CT = C::kTiles, E = C::kPerTile, kAcc = C::kAcc;
@@ -396,9 +411,9 @@ w4a8_gemm(const GemmParams p) {
     const int valid = end - first;
     if constexpr (kPrefetch) {
       if (valid > kStride)
-        nxt = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
+        nxt = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
     } else {
-      cur = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
+      cur = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
     }
     accumulate_stage<kCols, kGroupBlocks>(cur, [&](int r) { return kRowZeros ? row_zero : cur.z[r]; },
                                           load_acts<kCols>(x, mt, valid), valid, acc);
@@ -412,7 +427,7 @@ w4a8_gemm(const GemmParams p) {
   };
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
-    even = load_stage<kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
+    even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();
@@ -488,7 +503,7 @@ DeviceInfo device_info() {
 
 // How one call divides its work and its workspace; a pure function of the shapes and the device.
 struct Plan {
-  int cols;
+  int cols, warps;
   int64_t tiles, blocks, splits, split_blocks;
   int64_t meta_bytes, xq_bytes, partial_bytes, counter_bytes;
   int64_t workspace() const { return meta_bytes + xq_bytes + partial_bytes + counter_bytes; }
@@ -505,7 +520,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   // tiles, with half the CTAs resident, then run in more waves): a row's sums are added in the same
   // order whatever the other rows, so a verify's row equals a decode's bit for bit.
   const int64_t slots = static_cast<int64_t>(device_info().multiprocessors) * kCtasPerSm;
-  const int64_t most = pl.tiles >= slots ? 1 : std::clamp<int64_t>(pl.blocks / (kWarps * kStageBlocks), 1, 64);
+  const int64_t most = pl.tiles >= slots ? 1 : std::clamp<int64_t>(pl.blocks / (kCtaWarps * kStageBlocks), 1, 64);
   int64_t splits = 1;
   double best = 0.;
   for (int64_t s = 1; s <= most; ++s) {
@@ -514,6 +529,9 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
     if (filled > best + 1e-9) best = filled, splits = s;
     if (filled >= 0.9) break;
   }
+  // A split count that kCtasPerSm divides runs as wide CTAs of kCtasPerSm splits each (kWideWarps).
+  pl.warps = kCtaWarps;
+  if (kWideCtas && splits % kCtasPerSm == 0) pl.warps = kWideWarps, splits /= kCtasPerSm;
   pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
   pl.meta_bytes = align16(pl.blocks * meta_cols(pl.cols) * static_cast<int64_t>(sizeof(BlockMeta)));
@@ -547,27 +565,42 @@ cudaError_t launch_chained(void (*kernel)(Params...), int64_t grid, int block, c
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-template <int kCols, int kGroupBlocks, bool kRowZeros>
-cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream, bool pdl) {
+// How the GEMM of one call launches: its stream, whether chained, and the plan's warps per CTA.
+struct Launch {
+  cudaStream_t stream;
+  bool pdl;
+  int warps;
+};
+
+template <int kWarps, int kCols, int kGroupBlocks, bool kRowZeros>
+cudaError_t launch_gemm(const GemmParams& p, const Launch& l) {
   const int64_t grid = static_cast<int64_t>(p.tiles) * p.splits;
   return p.blocks_per_group == kGroupBlocks
-             ? launch_chained(w4a8_gemm<kCols, kGroupBlocks, true, kRowZeros>, grid, kWarps * 32, stream, pdl, p)
-             : launch_chained(w4a8_gemm<kCols, kGroupBlocks, false, kRowZeros>, grid, kWarps * 32, stream, pdl, p);
+             ? launch_chained(w4a8_gemm<kWarps, kCols, kGroupBlocks, true, kRowZeros>, grid, kWarps * 32, l.stream,
+                              l.pdl, p)
+             : launch_chained(w4a8_gemm<kWarps, kCols, kGroupBlocks, false, kRowZeros>, grid, kWarps * 32, l.stream,
+                              l.pdl, p);
+}
+
+template <int kCols, int kGroupBlocks, bool kRowZeros>
+cudaError_t dispatch_warps(const GemmParams& p, const Launch& l) {
+  if constexpr (kWideCtas) {
+    if (l.warps == kWideWarps) return launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+  }
+  return launch_gemm<kCtaWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
 }
 
 template <int kCols, int kGroupBlocks>
-cudaError_t dispatch_zeros(const GemmParams& p, bool row_zeros, cudaStream_t stream, bool pdl) {
-  return row_zeros ? launch_gemm<kCols, kGroupBlocks, true>(p, stream, pdl)
-                   : launch_gemm<kCols, kGroupBlocks, false>(p, stream, pdl);
+cudaError_t dispatch_zeros(const GemmParams& p, bool row_zeros, const Launch& l) {
+  return row_zeros ? dispatch_warps<kCols, kGroupBlocks, true>(p, l) : dispatch_warps<kCols, kGroupBlocks, false>(p, l);
 }
 
 template <int kCols>
-cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zeros, cudaStream_t stream, bool pdl) {
+cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zeros, const Launch& l) {
   if constexpr (kStageBlocks % 4 == 0) {
-    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, row_zeros, stream, pdl);
+    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, row_zeros, l);
   }
-  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, row_zeros, stream, pdl)
-                           : dispatch_zeros<kCols, 1>(p, row_zeros, stream, pdl);
+  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, row_zeros, l) : dispatch_zeros<kCols, 1>(p, row_zeros, l);
 }
 
 }  // namespace
@@ -607,12 +640,13 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
                      static_cast<int>(group_blocks), static_cast<int>(pl.splits),
                      static_cast<int>(pl.split_blocks)};
   const int run = run_blocks(a.group_size);
+  const Launch l{stream, pdl, pl.warps};
   switch (pl.cols) {
-    case 1: err = dispatch_groups<1>(p, run, a.row_zeros, stream, pdl); break;
+    case 1: err = dispatch_groups<1>(p, run, a.row_zeros, l); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
-    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, stream, pdl); break;
+    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, l); break;
 #endif
-    default: err = dispatch_groups<kColTile>(p, run, a.row_zeros, stream, pdl); break;
+    default: err = dispatch_groups<kColTile>(p, run, a.row_zeros, l); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

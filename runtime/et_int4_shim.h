@@ -33,6 +33,8 @@ extern "C" {
 //   max_m                            MATVEC_MAX_M at export time: M <= max_m <= et_int4_shim_gemm_max_m()
 //   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller; M = 0
 //                                    gives an empty [0, N] tensor and launches nothing
+// Runs on the current CUDA stream, where it may read qdata, scale and zero before the kernel ahead of
+// it has ended: that kernel must not write them (an exported program's weights are constants).
 // Returns 0 on success. On bad input (a qdata of the old row-major [N, K/2] layout included) nothing
 // runs, the result is non-zero, and one line saying what was expected and what came is printed to
 // stderr and kept for et_int4_last_error().

@@ -3,8 +3,9 @@
 // y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u[n, b], q[m, b]) - z[n, g] * sum(q[m, b]))
 // over 32-element blocks b (the numerics are specified in reference.py).
 //
-// Two kernels, chained with programmatic dependent launch so the GEMM streams its first weights
-// while the activations are still being quantized:
+// Two kernels, chained with programmatic dependent launch: the quantizer lets the GEMM launch before
+// it waits for the kernel ahead of it, so the GEMM is resident and streams its first weights while
+// that kernel ends and the activations are quantized (the weights are constants: nothing writes them):
 //   quantize_activations: bf16 [m, k] -> per block: int8 q (in the mma's k order), fp32 d, -sum(q).
 //   w4a8_gemm: a warp owns a tile of 32 weight rows and a strided share of its blocks; per block one
 //     16-byte load per lane brings both m16 halves of the tile already in mma fragment order (the
@@ -58,7 +59,6 @@ constexpr int kCtasPerSm = ET_INT4_CTAS_PER_SM;  // register budget: 65536 / (kC
 // registers, which a wide CTA's warps do not have.
 constexpr int kWideWarps = kCtasPerSm * kCtaWarps;
 constexpr bool kWideCtas = ET_INT4_WIDE_CTAS && kCtasPerSm > 1 && kWideWarps <= 32 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
-constexpr int kQuantThreads = 256;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.
 constexpr int kSplitAlign = 4;
@@ -94,24 +94,26 @@ __device__ __forceinline__ int permuted_position(int e) {
   return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
 }
 
-__global__ void __launch_bounds__(kQuantThreads)
-quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols, int xcols,
+// One CTA per block, one warp per column stored (columns m.. are zero padding: d = 0, q = 0); lane l
+// quantizes element l. m = 1 stores one column: its single-warp CTAs find room at once on SMs that
+// the kernel ahead leaves idle in its last wave, and with the GEMM launched first thing, the GEMM is
+// resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).
+__global__ void __launch_bounds__(2 * kColTile * 32)
+quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
                      BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
                      unsigned* __restrict__ counters, int n_counters) {
+  // Before its griddepcontrol.wait the GEMM reads only the weights, which no kernel writes.
+  launch_dependents();
   // x may come from the kernel before us, and our workspace may be the one it just freed.
   wait_for_prerequisites();
-  launch_dependents();
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = thread; i < n_counters; i += static_cast<int64_t>(gridDim.x) * blockDim.x) counters[i] = 0;
-  const int64_t item = thread / 32;  // one warp per (block, column)
-  const int lane = threadIdx.x % 32;
-  const int64_t blocks = k / kBlockK;
-  if (item >= blocks * cols) return;
-  const int64_t block = item / cols;
-  const int col = static_cast<int>(item % cols);
-  if (col >= m) {  // padding columns contribute nothing: d = 0, q = 0
+  const int64_t block = blockIdx.x;
+  for (int64_t i = block * blockDim.x + threadIdx.x; i < n_counters; i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    counters[i] = 0;
+  const int col = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t item = block * cols + col;
+  if (col >= m) {
     if (lane == 0) meta[item] = BlockMeta{0.f, 0};
-    if (col < xcols) xq[(block * xcols + col) * kBlockK + lane] = 0;
+    xq[item * kBlockK + lane] = 0;
     return;
   }
   const float v = __bfloat162float(x[col * k + block * kBlockK + lane]);
@@ -126,7 +128,7 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int 
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) meta[item] = BlockMeta{d, -sum};
-  xq[(block * xcols + col) * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
+  xq[item * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
 }
 
 // Weights are streamed once: keep them out of L1, which holds the re-read activations. (Scales
@@ -151,7 +153,7 @@ struct GemmParams {
   const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
   const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
   const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows; or [tiles][8 quads]
-  const BlockMeta* meta;  // [blocks][Cols::kMeta]
+  const BlockMeta* meta;  // [blocks][Cols::kStored]
   const int8_t* xq;       // [blocks][Cols::kStored][32]
   __nv_bfloat16* out;     // [m][n]
   float* partial;         // [splits][tiles][kAcc * 32], when splits > 1
@@ -231,17 +233,15 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
 constexpr int col_tiles(int cols) { return cols > kColTile ? 2 : 1; }
 constexpr int cols_per_tile(int cols) { return cols == 1 ? 1 : 2; }
 constexpr int acc_slots(int cols) { return 2 * 2 * col_tiles(cols) * cols_per_tile(cols); }  // m16 halves x row halves x columns
-// (d, -sum) entries per block: lanes t = 1..3 of an m = 1 call read columns 2, 4, 6, where d = 0.
-constexpr int meta_cols(int cols) { return cols == 1 ? kColTile : cols; }
 
 template <int kCols>
 struct Cols {
   static constexpr int kTiles = col_tiles(kCols);
   static constexpr int kPerTile = cols_per_tile(kCols);
   static constexpr int kAcc = acc_slots(kCols);
-  // Columns per block in the quantized activations (m = 1 keeps one; the rest are zero padding).
+  // Columns per block in the quantized activations and their (d, -sum): m = 1 keeps one; otherwise
+  // those past m are zero padding.
   static constexpr int kStored = kCols;
-  static constexpr int kMeta = meta_cols(kCols);
   using Meta = std::conditional_t<kPerTile == 2, uint4, uint2>;  // (d, -sum) of the lane's columns
 };
 
@@ -254,7 +254,7 @@ struct Acts {
 };
 
 // The stage's activations start at x (this lane's B fragment of the first block, per column tile)
-// and mt ((d, -sum) of its columns); blocks are kStored * 32 bytes and kMeta entries apart.
+// and mt ((d, -sum) of its columns); blocks are kStored * 32 bytes and kStored entries apart.
 template <int kCols>
 __device__ __forceinline__ Acts<kCols> load_acts(const int8_t* const (&x)[Cols<kCols>::kTiles],
                                                  const BlockMeta* mt, int valid) {
@@ -266,7 +266,7 @@ __device__ __forceinline__ Acts<kCols> load_acts(const int8_t* const (&x)[Cols<k
 #pragma unroll
       for (int ct = 0; ct < C::kTiles; ++ct) {
         a.b[j][ct] = __ldg(reinterpret_cast<const uint2*>(x[ct] + block(j) * C::kStored * kBlockK));
-        a.meta[j][ct] = __ldg(reinterpret_cast<const typename C::Meta*>(mt + block(j) * C::kMeta + ct * kColTile));
+        a.meta[j][ct] = __ldg(reinterpret_cast<const typename C::Meta*>(mt + block(j) * C::kStored + ct * kColTile));
       }
   };
   if (valid >= kStageBlocks) {
@@ -395,13 +395,14 @@ w4a8_gemm(const GemmParams p) {
   const int first_group = kExactGroups ? first / kGroupBlocks : 0;
   WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
                  wz + first_group * 8};
-  // m = 1 stores one column, which every lane reads; otherwise lane g reads column g of each tile
-  // (padding columns are zeros, and their d is 0).
+  // m = 1 stores one column, which every lane reads (so lanes t = 1..3 compute it again, for columns
+  // 2t that are never stored); otherwise lane g reads column g of each tile (padding columns are
+  // zeros, and their d is 0).
   const int8_t* x[CT];
 #pragma unroll
   for (int ct = 0; ct < CT; ++ct)
     x[ct] = p.xq + (static_cast<int64_t>(first) * C::kStored + (kCols == 1 ? 0 : ct * kColTile + g)) * kBlockK + 8 * t;
-  const BlockMeta* mt = p.meta + static_cast<int64_t>(first) * C::kMeta + 2 * t;
+  const BlockMeta* mt = p.meta + static_cast<int64_t>(first) * C::kStored + (kCols == 1 ? 0 : 2 * t);
 
   float acc[2][2][CT][E] = {};
   constexpr int kStride = kWarps * kStageBlocks;
@@ -423,7 +424,7 @@ w4a8_gemm(const GemmParams p) {
     c.z += kStride / kGroupBlocks * 8;
 #pragma unroll
     for (int ct = 0; ct < CT; ++ct) x[ct] += kStride * C::kStored * kBlockK;
-    mt += kStride * C::kMeta;
+    mt += kStride * C::kStored;
   };
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
@@ -534,7 +535,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   if (kWideCtas && splits % kCtasPerSm == 0) pl.warps = kWideWarps, splits /= kCtasPerSm;
   pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
-  pl.meta_bytes = align16(pl.blocks * meta_cols(pl.cols) * static_cast<int64_t>(sizeof(BlockMeta)));
+  pl.meta_bytes = align16(pl.blocks * pl.cols * static_cast<int64_t>(sizeof(BlockMeta)));
   pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);
   pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * acc_slots(pl.cols) * 32 * 4 : 0;
   pl.counter_bytes = pl.splits > 1 ? align16(pl.tiles * 4) : 0;
@@ -619,11 +620,9 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   auto* counters = reinterpret_cast<unsigned*>(base + pl.meta_bytes + pl.xq_bytes + pl.partial_bytes);
   const bool pdl = device_info().pdl;
 
-  const int64_t quant_threads = pl.blocks * meta_cols(pl.cols) * 32;
-  cudaError_t err = launch_chained(quantize_activations, ceil_div(quant_threads, kQuantThreads),
-                                   kQuantThreads, stream, pdl, static_cast<const __nv_bfloat16*>(a.x),
-                                   static_cast<int>(a.m), a.k, meta_cols(pl.cols), pl.cols, meta, xq, counters,
-                                   static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
+  cudaError_t err = launch_chained(quantize_activations, pl.blocks, pl.cols * 32, stream, pdl,
+                                   static_cast<const __nv_bfloat16*>(a.x), static_cast<int>(a.m), a.k, pl.cols,
+                                   meta, xq, counters, static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   if (err != cudaSuccess) return cudaGetErrorString(err);
 
   const int64_t group_blocks = a.group_size / kBlockK;

@@ -37,7 +37,9 @@ struct PlainMmArgs {
 size_t workspace_bytes(int64_t m, int64_t n, int64_t k);
 
 // Quantizes the activations and runs the weight-stationary GEMM on `stream` (a cudaStream_t).
-// Returns nullptr on success, else the CUDA error's description.
+// Returns nullptr on success, else the CUDA error's description. The GEMM may read qdata, scale and
+// zero while the kernel ahead of the call in the stream still runs: that kernel must not write them
+// (exported weights are constants).
 const char* launch_plain_mm(const PlainMmArgs& args, void* stream);
 
 }  // namespace et_int4::cuda

@@ -92,10 +92,11 @@ def test_non_finite_activation_blocks_make_their_rows_nan():
 
 
 @pytest.mark.parametrize("n,k,group_size", [(320, 4224, 96), (160, 96, 96), (64, 160, 32), (32, 4160, 64),
-                                            (64, 4800, 160), (128, 8192, 1024)])
+                                            (64, 4800, 160), (128, 8192, 1024), (4096, 4032, 64)])
 def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
     # Group sizes that are no power of two read their scales per block; K that is no multiple of a
-    # stage or a split leaves partial stages.
+    # stage or a split leaves partial stages (4096 x 4032: wide CTAs whose warps load both their
+    # stages before the wait, the second one partial).
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     for m in (1, 3, et_int4.SHIM_GEMM_MAX_M):
         x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda")
@@ -212,7 +213,8 @@ SANITIZER_CASE = textwrap.dedent(
     import torch, et_int4
     from numerics import random_operands
     g = torch.Generator(device="cuda").manual_seed(0)
-    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide CTAs and not.
+    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide CTAs and not
+    # (4096 x 4096: wide CTAs whose warps load both their stages before the wait).
     for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64),
                         (1, 128, 8192, 128), (5, 14336, 256, 128)):
         x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda")

@@ -407,11 +407,12 @@ w4a8_gemm(const GemmParams p) {
   float acc[2][2][CT][E] = {};
   constexpr int kStride = kWarps * kStageBlocks;
   // One stage: compute `cur` (loaded by the step before, or now without prefetch) while the next
-  // stage's weights load into `nxt`. Two steps per trip swap the stages' roles: no register copies.
-  auto step = [&](Stage<kGroupBlocks>& cur, Stage<kGroupBlocks>& nxt) {
+  // stage's weights load into `nxt` (unless already loaded). Two steps per trip swap the stages'
+  // roles: no register copies.
+  auto step = [&](Stage<kGroupBlocks>& cur, Stage<kGroupBlocks>& nxt, bool nxt_loaded = false) {
     const int valid = end - first;
     if constexpr (kPrefetch) {
-      if (valid > kStride)
+      if (valid > kStride && !nxt_loaded)
         nxt = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
     } else {
       cur = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
@@ -429,13 +430,24 @@ w4a8_gemm(const GemmParams p) {
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
     even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
+  // A wide CTA's warp whose share is two stages (a single wave of short K, e.g. 4096 x 4096) loads
+  // both before the wait, so all its weights stream while the kernels ahead end. Not more than the
+  // next stage otherwise: a second early stage measured slower where K is long (14336 x 4096), as it
+  // takes bandwidth from the kernel ahead's last CTAs (bench/RESULTS.md, 2026-11-27).
+  const bool both_early = kPrefetch && kWarps == kWideWarps && end - first > kStride && end - first <= 2 * kStride;
+  if (both_early) odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();
-  while (first < end) {
-    step(even, odd);
-    if (first >= end) break;
+  if (both_early) {
+    step(even, odd, true);
     step(odd, even);
+  } else {
+    while (first < end) {
+      step(even, odd);
+      if (first >= end) break;
+      step(odd, even);
+    }
   }
 
   // Reduce the warps' shares; thread i then owns slot i / 32 of lane i % 32.

@@ -1,7 +1,8 @@
-"""One et_int4_plain_mm call on fresh random data, for Nsight Compute:
+"""Three et_int4_plain_mm calls on fresh random data, for Nsight Compute (K N group_size M [zeros],
+zeros "group", the default, or "row": one zero point per row, all 8 as torchao's symmetric mapping):
 
     ncu --kernel-name regex:w4a8_gemm --launch-skip 2 --launch-count 1 --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats python3 bench/profile_one.py 21504 5376 32 8
+        --section Occupancy --section WarpStateStats python3 bench/profile_one.py 21504 5376 32 8 row
 """
 
 import sys
@@ -11,11 +12,13 @@ import torch
 from et_int4.backends.cuda.int4.packing import tile_weights
 
 k, n, group_size, m = map(int, sys.argv[1:5])
+row_zeros = sys.argv[5:] == ["row"]
 gen = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
 qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
 scale = torch.rand(n, k // group_size, device="cuda", generator=gen).bfloat16()
-zero = torch.randint(0, 16, (n, k // group_size), dtype=torch.int8, device="cuda", generator=gen)
+zero = (torch.full((n, 1), 8, dtype=torch.int8, device="cuda") if row_zeros
+        else torch.randint(0, 16, (n, k // group_size), dtype=torch.int8, device="cuda", generator=gen))
 qdata, scale, zero = tile_weights(qdata, scale, zero)
 for _ in range(3):
     torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, 8)

@@ -431,11 +431,12 @@ w4a8_gemm(const GemmParams p) {
   if (kPrefetch && first < end)
     even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
   // A wide CTA's warp whose share is two stages (a single wave of short K, e.g. 4096 x 4096) loads
-  // both before the wait, so all its weights stream while the kernels ahead end. Not more than the
-  // next stage otherwise: a second early stage measured slower where K is long (14336 x 4096), as it
-  // takes bandwidth from the kernel ahead's last CTAs (bench/RESULTS.md, 2026-11-27).
+  // both before the wait, so all its weights stream while the kernels ahead end. Otherwise only the
+  // first: a second early stage, or two stages in flight, measured slower where K is long
+  // (14336 x 4096; bench/RESULTS.md, 2026-11-27).
   const bool both_early = kPrefetch && kWarps == kWideWarps && end - first > kStride && end - first <= 2 * kStride;
-  if (both_early) odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
+  if (both_early)
+    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();

@@ -151,6 +151,17 @@ def test_strided_activation_rows():
         assert_matches_reference(run_op(half, qdata, scale, zero, 64), half.contiguous(), qdata, scale, zero, 64)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_activations_off_16_byte_alignment(m):
+    # x is read with bf16's 2-byte alignment only: an offset view of a row-major tensor is valid input.
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x, qdata, scale, zero = random_operands(m, 256, 512, 32, generator=gen, device="cuda")
+    offset = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view(x.shape)
+    offset.copy_(x)
+    assert offset.data_ptr() % 16
+    assert_matches_reference(run_op(offset, qdata, scale, zero, 32), x, qdata, scale, zero, 32)
+
+
 def test_all_zero_activation_block_and_int8_qdata():
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, qdata, scale, zero = random_operands(4, 256, 512, 32, generator=gen, device="cuda")

@@ -117,16 +117,15 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int 
     return;
   }
   const float v = __bfloat162float(x[col * k + block * kBlockK + lane]);
-  float amax = fabsf(v);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  // The bits of |v| order as the values do, with Inf and NaN above every finite value: one integer
+  // reduction gives amax and whether the block is finite (this kernel's latency is on the chain's
+  // critical path: one redux in place of five shuffle rounds).
+  const unsigned amax = __reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v)));
   // A NaN or Inf anywhere in the block makes d NaN, so every output it feeds is NaN.
-  const bool finite = __all_sync(0xffffffffu, isfinite(v));
-  const float d = finite ? amax / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
+  const bool finite = amax < 0x7f800000u;
+  const float d = finite ? __uint_as_float(amax) / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
   const int q = finite && d != 0.f ? __float2int_rn(v / d) : 0;
-  int sum = q;
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const int sum = __reduce_add_sync(0xffffffffu, q);
   if (lane == 0) meta[item] = BlockMeta{d, -sum};
   xq[item * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
 }

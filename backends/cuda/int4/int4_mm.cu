@@ -66,6 +66,7 @@ constexpr int kSplitAlign = 4;
 // adds kMagicBits as its C operand and one FADD converts the integer dot (no I2F on the XU pipe).
 constexpr int kMagicBits = 0x4B400000;
 constexpr float kMagic = 12582912.f;
+constexpr unsigned kInfinityBits = 0x7f800000u;  // +Inf; every finite |x| has fewer
 
 static_assert(kStageBlocks % kSplitAlign == 0 || kSplitAlign % kStageBlocks == 0);
 
@@ -122,7 +123,7 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int 
   // critical path: one redux in place of five shuffle rounds).
   const unsigned amax = __reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v)));
   // A NaN or Inf anywhere in the block makes d NaN, so every output it feeds is NaN.
-  const bool finite = amax < 0x7f800000u;
+  const bool finite = amax < kInfinityBits;
   const float d = finite ? __uint_as_float(amax) / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
   const int q = finite && d != 0.f ? __float2int_rn(v / d) : 0;
   const int sum = __reduce_add_sync(0xffffffffu, q);

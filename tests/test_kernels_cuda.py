@@ -104,6 +104,17 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+def test_split_k_tickets_start_from_zero_in_every_call():
+    # Each call's quantizer zeroes split K's per-tile tickets, which the call before left counted up in
+    # the workspace that the caching allocator hands out again. 2048 x 4096 has 64 row tiles, split in
+    # two on an H100: more tickets than the m = 1 quantizer's CTA has threads.
+    gen = torch.Generator(device="cuda").manual_seed(2048)
+    for m in (1, 1, 8, 1):
+        x, qdata, scale, zero = random_operands(m, 2048, 4096, 32, generator=gen, device="cuda")
+        poison_next_output(m, 2048)
+        assert_matches_reference(run_op(x, qdata, scale, zero, 32), x, qdata, scale, zero, 32)
+
+
 @pytest.mark.parametrize("n,k", [(14336, 5376), (4096, 4160), (96, 4096)])
 def test_a_row_comes_out_the_same_whatever_m_and_call(n, k):
     # EAGLE's lossless check compares a verify (M = chain_len + 1) with plain decoding (M = 1): row i

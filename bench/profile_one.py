@@ -11,15 +11,21 @@ import et_int4  # noqa: F401  (registers the op)
 import torch
 from et_int4.backends.cuda.int4.packing import tile_weights
 
-k, n, group_size, m = map(int, sys.argv[1:5])
-row_zeros = sys.argv[5:] == ["row"]
-gen = torch.Generator(device="cuda").manual_seed(0)
-x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
-scale = torch.rand(n, k // group_size, device="cuda", generator=gen).bfloat16()
-zero = (torch.full((n, 1), 8, dtype=torch.int8, device="cuda") if row_zeros
-        else torch.randint(0, 16, (n, k // group_size), dtype=torch.int8, device="cuda", generator=gen))
-qdata, scale, zero = tile_weights(qdata, scale, zero)
-for _ in range(3):
-    torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, 8)
-torch.cuda.synchronize()
+
+def random_weights(k: int, n: int, group_size: int, row_zeros: bool, gen: torch.Generator):
+    """Random tiled weights: qdata, scale and zero as the pass stores them."""
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+    scale = torch.rand(n, k // group_size, device="cuda", generator=gen).bfloat16()
+    zero = (torch.full((n, 1), 8, dtype=torch.int8, device="cuda") if row_zeros
+            else torch.randint(0, 16, (n, k // group_size), dtype=torch.int8, device="cuda", generator=gen))
+    return tile_weights(qdata, scale, zero)
+
+
+if __name__ == "__main__":
+    k, n, group_size, m = map(int, sys.argv[1:5])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    qdata, scale, zero = random_weights(k, n, group_size, sys.argv[5:] == ["row"], gen)
+    for _ in range(3):
+        torch.ops.et_int4.et_int4_plain_mm(x, qdata, scale, zero, group_size, 8)
+    torch.cuda.synchronize()

@@ -6,7 +6,8 @@
 # tree as it is. E.g. "ET_INT4_STAGE_BLOCKS=8 ET_INT4_PREFETCH=0", "src=/tmp/int4_mm_base.cu".
 # Usage: bench/sweep_variants.sh OUT_DIR VARIANT... (set SWEEP_SHAPES / SWEEP_M / SWEEP_GS /
 # SWEEP_ZEROS to change what runs, SWEEP_ROUNDS=N to time the builds N times in alternation, so that
-# a drift of the card shows as spread rather than as a difference between builds)
+# a drift of the card shows as spread rather than as a difference between builds). Save what it prints
+# and `python3 bench/sweep_table.py FILE` makes the range table that bench/RESULTS.md records.
 set -uo pipefail
 out=$1; shift
 shapes=${SWEEP_SHAPES:-4096x4096 4096x14336 14336x4096 5376x21504 21504x5376}

@@ -66,8 +66,8 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (median_us(lambda: dst.copy_(src)) * 1e-6)
 
 
-def per_call_us(calls: list) -> float:
-    """Median time of one call, from a graph replaying one call per weight copy."""
+def call_graph(calls: list) -> torch.cuda.CUDAGraph:
+    """A graph that makes the calls in order (one per weight copy), replayed once."""
     for call in calls:  # warm-up: allocations and lazy initialization stay out of the graph
         call()
     torch.cuda.synchronize()
@@ -76,7 +76,12 @@ def per_call_us(calls: list) -> float:
         for call in calls:
             call()
     graph.replay()
-    return median_us(graph.replay) / len(calls)
+    return graph
+
+
+def per_call_us(calls: list) -> float:
+    """Median time of one call, from a graph replaying one call per weight copy."""
+    return median_us(call_graph(calls).replay) / len(calls)
 
 
 def copies_for(nbytes: int) -> int:

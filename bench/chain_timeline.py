@@ -1,6 +1,6 @@
 """Where one call's time goes in a chain of calls: when each kernel starts and ends, from CUPTI.
 
-A CUDA graph calls et_int4_plain_mm once per copy of the weights (as bench_int4_mm.py times it) and is
+A CUDA graph calls et_int4_plain_mm once per copy of the weights (bench_int4_mm.py's call_graph) and is
 replayed under torch.profiler. Each call's two kernels are timed from the end of the GEMM ahead of it,
 the kernel its quantizer waits for (bench/RESULTS.md, eighth round of issue 8):
 
@@ -17,7 +17,8 @@ import tempfile
 
 import et_int4
 import torch
-from profile_one import random_weights  # bench/, the script's folder
+from bench_int4_mm import call_graph  # bench/, the script's folder
+from profile_one import random_weights
 
 
 def kernel_spans(graph: torch.cuda.CUDAGraph, replays: int) -> list[tuple[str, float, float]]:
@@ -51,12 +52,7 @@ def main() -> None:
     x = torch.randn(args.m, args.k, device="cuda", generator=gen).bfloat16()
     weights = [random_weights(args.k, args.n, args.group_size, args.zeros == "row", gen) for _ in range(args.copies)]
     op = torch.ops.et_int4.et_int4_plain_mm
-    for w in weights:  # allocations and lazy initialization stay out of the graph
-        op(x, *w, args.group_size, et_int4.SHIM_GEMM_MAX_M)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            op(x, *w, args.group_size, et_int4.SHIM_GEMM_MAX_M)
+    graph = call_graph([lambda w=w: op(x, *w, args.group_size, et_int4.SHIM_GEMM_MAX_M) for w in weights])
     for _ in range(20):
         graph.replay()
     spans = kernel_spans(graph, replays=3)

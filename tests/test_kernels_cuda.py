@@ -104,6 +104,20 @@ def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+@pytest.mark.parametrize("n,k,group_size", [(5120, 5120, 32), (6144, 4096, 128), (96, 3584, 64)])
+def test_small_ctas_with_split_k_match_reference(n, k, group_size):
+    # On an H100 (132 SMs) the plan runs these as 4-warp CTAs whose tiles split K (in 3, 2 and 7),
+    # where 8-warp or wide CTAs would take two or three waves: their partial sums meet at the tickets.
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    for m in (1, 2, et_int4.SHIM_GEMM_MAX_M):
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda")
+        poison_next_output(m, n)
+        launched = gpu_work(lambda: assert_matches_reference(run_op(x, qdata, scale, zero, group_size),
+                                                             x, qdata, scale, zero, group_size))
+        if torch.cuda.get_device_properties(0).multi_processor_count == 132 and et_int4.SHIM_GEMM_MAX_M <= 8:
+            assert any("w4a8_gemm<4," in name for name in launched), launched
+
+
 def test_split_k_tickets_start_from_zero_in_every_call():
     # Each call's quantizer zeroes split K's per-tile tickets, which the call before left counted up in
     # the workspace that the caching allocator hands out again. 2048 x 4096 has 64 row tiles, split in
@@ -115,7 +129,7 @@ def test_split_k_tickets_start_from_zero_in_every_call():
         assert_matches_reference(run_op(x, qdata, scale, zero, 32), x, qdata, scale, zero, 32)
 
 
-@pytest.mark.parametrize("n,k", [(14336, 5376), (4096, 4160), (96, 4096)])
+@pytest.mark.parametrize("n,k", [(14336, 5376), (4096, 4160), (96, 4096), (5120, 5120)])
 def test_a_row_comes_out_the_same_whatever_m_and_call(n, k):
     # EAGLE's lossless check compares a verify (M = chain_len + 1) with plain decoding (M = 1): row i
     # must not depend on the other rows, on M, or on which CTA finished a shared tile first.
@@ -235,10 +249,11 @@ SANITIZER_CASE = textwrap.dedent(
     import torch, et_int4
     from numerics import random_operands
     g = torch.Generator(device="cuda").manual_seed(0)
-    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide CTAs and not
-    # (4096 x 4096: wide CTAs whose warps load both their stages before the wait).
+    # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide, 8-warp and
+    # small CTAs (4096 x 4096: wide CTAs whose warps load both their stages before the wait; 14336 x 256
+    # and 96 x 3584: 4-warp CTAs, the second with split K).
     for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64),
-                        (1, 128, 8192, 128), (5, 14336, 256, 128)):
+                        (1, 128, 8192, 128), (5, 14336, 256, 128), (8, 96, 3584, 32)):
         x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda")
         torch.ops.et_int4.et_int4_plain_mm(x, q, s, z, gs, 8)
     torch.cuda.synchronize()

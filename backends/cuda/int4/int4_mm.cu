@@ -13,7 +13,9 @@
 //     rows: each weight byte is read once and costs the same instructions whatever m is.
 // A CTA's warps split the tile's blocks and reduce through shared memory; where the row tiles are
 // too few to fill the GPU, K is split further: over a wide CTA (twice the warps, one per SM) and, where
-// that is still too few, over CTAs too, the last of which adds the tile's partial sums.
+// that is still too few, over CTAs too, the last of which adds the tile's partial sums. Small CTAs
+// (half the warps, twice as many per SM) run grids whose tiles would leave a partial second wave in
+// one wave instead (make_plan).
 #include "backends/cuda/int4/int4_mm.h"
 
 #include <cuda_bf16.h>
@@ -43,6 +45,9 @@
 #ifndef ET_INT4_WIDE_CTAS
 #define ET_INT4_WIDE_CTAS 1
 #endif
+#ifndef ET_INT4_SMALL_CTAS
+#define ET_INT4_SMALL_CTAS 1
+#endif
 
 namespace et_int4::cuda {
 namespace {
@@ -59,6 +64,12 @@ constexpr int kCtasPerSm = ET_INT4_CTAS_PER_SM;  // register budget: 65536 / (kC
 // registers, which a wide CTA's warps do not have.
 constexpr int kWideWarps = kCtasPerSm * kCtaWarps;
 constexpr bool kWideCtas = ET_INT4_WIDE_CTAS && kCtasPerSm > 1 && kWideWarps <= 32 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
+// Small CTAs: half the warps, twice as many resident (the same registers each). Their finer grain
+// runs some grids in fewer waves: 448 row tiles (4096 x 14336) are one wave of 4-warp CTAs and two
+// of 8-warp ones, whose second wave starts cold and leaves slots idle (6-26% faster where the plan
+// picks them; bench/RESULTS.md, 2026-11-27). Not where the build allows m > 8, as for wide CTAs.
+constexpr int kSmallWarps = kCtaWarps / 2;
+constexpr bool kSmallCtas = ET_INT4_SMALL_CTAS && kCtaWarps % 2 == 0 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.
 constexpr int kSplitAlign = 4;
@@ -373,7 +384,7 @@ __device__ __forceinline__ void slot_position(int tile, int slot, int lane, int&
 
 // Resident CTAs per SM that the register budget is set for.
 constexpr int ctas_per_sm(int warps, int cols) {
-  return warps == kWideWarps ? 1 : cols > kColTile ? kCtasPerSm / 2 : kCtasPerSm;
+  return warps == kWideWarps ? 1 : warps == kSmallWarps ? 2 * kCtasPerSm : cols > kColTile ? kCtasPerSm / 2 : kCtasPerSm;
 }
 
 template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
@@ -549,6 +560,25 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   // A split count that kCtasPerSm divides runs as wide CTAs of kCtasPerSm splits each (kWideWarps).
   pl.warps = kCtaWarps;
   if (kWideCtas && splits % kCtasPerSm == 0) pl.warps = kWideWarps, splits /= kCtasPerSm;
+  if constexpr (kSmallCtas) {
+    // Small CTAs where they cost less, in stage times: per wave, a warp's share of its split, one
+    // stage for the CTA's start (its first loads) and end, and one for split K's partial sums. Only
+    // strictly less: the 8-warp and wide plans above are the measured defaults.
+    const int64_t sms = device_info().multiprocessors;
+    auto cost = [&](int warps, int64_t s) {
+      const int64_t split_blocks = ceil_div(ceil_div(pl.blocks, s), kSplitAlign) * kSplitAlign;
+      const int64_t waves = ceil_div(pl.tiles * ceil_div(pl.blocks, split_blocks), sms * ctas_per_sm(warps, pl.cols));
+      return waves * (ceil_div(split_blocks, warps * kStageBlocks) + 1 + (s > 1));
+    };
+    int64_t least = cost(pl.warps, splits);
+    const int64_t small_slots = sms * ctas_per_sm(kSmallWarps, pl.cols);
+    const int64_t small_most =
+        pl.tiles >= small_slots ? 1 : std::clamp<int64_t>(pl.blocks / (kSmallWarps * kStageBlocks), 1, 64);
+    for (int64_t s = 1; s <= small_most; ++s) {
+      const int64_t c = cost(kSmallWarps, s);
+      if (c < least) least = c, splits = s, pl.warps = kSmallWarps;
+    }
+  }
   pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
   pl.meta_bytes = align16(pl.blocks * pl.cols * static_cast<int64_t>(sizeof(BlockMeta)));
@@ -603,6 +633,9 @@ template <int kCols, int kGroupBlocks, bool kRowZeros>
 cudaError_t dispatch_warps(const GemmParams& p, const Launch& l) {
   if constexpr (kWideCtas) {
     if (l.warps == kWideWarps) return launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+  }
+  if constexpr (kSmallCtas) {
+    if (l.warps == kSmallWarps) return launch_gemm<kSmallWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
   }
   return launch_gemm<kCtaWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
 }

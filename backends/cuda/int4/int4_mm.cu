@@ -66,7 +66,7 @@ constexpr int kWideWarps = kCtasPerSm * kCtaWarps;
 constexpr bool kWideCtas = ET_INT4_WIDE_CTAS && kCtasPerSm > 1 && kWideWarps <= 32 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
 // Small CTAs: half the warps, twice as many resident (the same registers each). Their finer grain
 // runs some grids in fewer waves: 448 row tiles (4096 x 14336) are one wave of 4-warp CTAs and two
-// of 8-warp ones, whose second wave starts cold and leaves slots idle (6-26% faster where the plan
+// of 8-warp ones, whose second wave starts cold and leaves slots idle (3-26% faster where the plan
 // picks them; bench/RESULTS.md, 2026-11-27). Not where the build allows m > 8, as for wide CTAs.
 constexpr int kSmallWarps = kCtaWarps / 2;
 constexpr bool kSmallCtas = ET_INT4_SMALL_CTAS && kCtaWarps % 2 == 0 && ET_INT4_SHIM_GEMM_MAX_M <= 8;

@@ -547,8 +547,12 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   // the waves to 90%, each warp keeping at least one stage. The same splits for every m (two column
   // tiles, with half the CTAs resident, then run in more waves): a row's sums are added in the same
   // order whatever the other rows, so a verify's row equals a decode's bit for bit.
-  const int64_t slots = static_cast<int64_t>(device_info().multiprocessors) * kCtasPerSm;
-  const int64_t most = pl.tiles >= slots ? 1 : std::clamp<int64_t>(pl.blocks / (kCtaWarps * kStageBlocks), 1, 64);
+  const int64_t sms = device_info().multiprocessors;
+  auto most_splits = [&](int64_t slots, int warps) {
+    return pl.tiles >= slots ? int64_t{1} : std::clamp<int64_t>(pl.blocks / (warps * kStageBlocks), 1, 64);
+  };
+  const int64_t slots = sms * kCtasPerSm;
+  const int64_t most = most_splits(slots, kCtaWarps);
   int64_t splits = 1;
   double best = 0.;
   for (int64_t s = 1; s <= most; ++s) {
@@ -564,16 +568,13 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
     // Small CTAs where they cost less, in stage times: per wave, a warp's share of its split, one
     // stage for the CTA's start (its first loads) and end, and one for split K's partial sums. Only
     // strictly less: the 8-warp and wide plans above are the measured defaults.
-    const int64_t sms = device_info().multiprocessors;
     auto cost = [&](int warps, int64_t s) {
       const int64_t split_blocks = ceil_div(ceil_div(pl.blocks, s), kSplitAlign) * kSplitAlign;
       const int64_t waves = ceil_div(pl.tiles * ceil_div(pl.blocks, split_blocks), sms * ctas_per_sm(warps, pl.cols));
       return waves * (ceil_div(split_blocks, warps * kStageBlocks) + 1 + (s > 1));
     };
     int64_t least = cost(pl.warps, splits);
-    const int64_t small_slots = sms * ctas_per_sm(kSmallWarps, pl.cols);
-    const int64_t small_most =
-        pl.tiles >= small_slots ? 1 : std::clamp<int64_t>(pl.blocks / (kSmallWarps * kStageBlocks), 1, 64);
+    const int64_t small_most = most_splits(sms * ctas_per_sm(kSmallWarps, pl.cols), kSmallWarps);
     for (int64_t s = 1; s <= small_most; ++s) {
       const int64_t c = cost(kSmallWarps, s);
       if (c < least) least = c, splits = s, pl.warps = kSmallWarps;

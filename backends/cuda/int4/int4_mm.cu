@@ -551,6 +551,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   auto most_splits = [&](int64_t slots, int warps) {
     return pl.tiles >= slots ? int64_t{1} : std::clamp<int64_t>(pl.blocks / (warps * kStageBlocks), 1, 64);
   };
+  auto split_blocks_of = [&](int64_t s) { return ceil_div(ceil_div(pl.blocks, s), kSplitAlign) * kSplitAlign; };
   const int64_t slots = sms * kCtasPerSm;
   const int64_t most = most_splits(slots, kCtaWarps);
   int64_t splits = 1;
@@ -569,7 +570,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
     // stage for the CTA's start (its first loads) and end, and one for split K's partial sums. Only
     // strictly less: the 8-warp and wide plans above are the measured defaults.
     auto cost = [&](int warps, int64_t s) {
-      const int64_t split_blocks = ceil_div(ceil_div(pl.blocks, s), kSplitAlign) * kSplitAlign;
+      const int64_t split_blocks = split_blocks_of(s);
       const int64_t waves = ceil_div(pl.tiles * ceil_div(pl.blocks, split_blocks), sms * ctas_per_sm(warps, pl.cols));
       return waves * (ceil_div(split_blocks, warps * kStageBlocks) + 1 + (s > 1));
     };
@@ -580,7 +581,7 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
       if (c < least) least = c, splits = s, pl.warps = kSmallWarps;
     }
   }
-  pl.split_blocks = ceil_div(ceil_div(pl.blocks, splits), kSplitAlign) * kSplitAlign;
+  pl.split_blocks = split_blocks_of(splits);
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
   pl.meta_bytes = align16(pl.blocks * pl.cols * static_cast<int64_t>(sizeof(BlockMeta)));
   pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);

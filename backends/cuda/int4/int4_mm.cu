@@ -570,9 +570,9 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
     // stage for the CTA's start (its first loads) and end, and one for split K's partial sums. Only
     // strictly less: the 8-warp and wide plans above are the measured defaults.
     auto cost = [&](int warps, int64_t s) {
-      const int64_t split_blocks = split_blocks_of(s);
-      const int64_t waves = ceil_div(pl.tiles * ceil_div(pl.blocks, split_blocks), sms * ctas_per_sm(warps, pl.cols));
-      return waves * (ceil_div(split_blocks, warps * kStageBlocks) + 1 + (s > 1));
+      const int64_t split_blocks = split_blocks_of(s), real_splits = ceil_div(pl.blocks, split_blocks);
+      const int64_t waves = ceil_div(pl.tiles * real_splits, sms * ctas_per_sm(warps, pl.cols));
+      return waves * (ceil_div(split_blocks, warps * kStageBlocks) + 1 + (real_splits > 1));
     };
     int64_t least = cost(pl.warps, splits);
     const int64_t small_most = most_splits(sms * ctas_per_sm(kSmallWarps, pl.cols), kSmallWarps);

@@ -441,16 +441,21 @@ w4a8_gemm(const GemmParams p) {
     for (int ct = 0; ct < CT; ++ct) x[ct] += kStride * C::kStored * kBlockK;
     mt += kStride * C::kStored;
   };
+  // A warp's first two stages load before the wait, so that they stream while the kernels ahead end
+  // (0.2-0.6 us faster than the first alone on the one-wave grids of long K, 14336 x 4096 and
+  // 21504 x 5376; bench/RESULTS.md, 2026-11-27). A wide CTA's warp whose share is just those two
+  // (4096 x 4096) runs them as two steps: in the loop it measured 0.4 us slower.
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
     even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
-  // A wide CTA's warp whose share is two stages (a single wave of short K, e.g. 4096 x 4096) loads
-  // both before the wait, so all its weights stream while the kernels ahead end. Otherwise only the
-  // first: a second early stage, or two stages in flight, measured slower where K is long
-  // (14336 x 4096; bench/RESULTS.md, 2026-11-27).
   const bool both_early = kPrefetch && kWarps == kWideWarps && end - first > kStride && end - first <= 2 * kStride;
   if (both_early)
     odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
+  bool odd_loaded = false;
+  if (kPrefetch && !both_early && end - first > kStride) {
+    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
+    odd_loaded = true;
+  }
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
   // The next call's activation quantizer may launch now; it waits for us before it writes.
   launch_dependents();
@@ -459,7 +464,8 @@ w4a8_gemm(const GemmParams p) {
     step(odd, even);
   } else {
     while (first < end) {
-      step(even, odd);
+      step(even, odd, odd_loaded);
+      odd_loaded = false;
       if (first >= end) break;
       step(odd, even);
     }

@@ -442,7 +442,7 @@ w4a8_gemm(const GemmParams p) {
     mt += kStride * C::kStored;
   };
   // A warp's first two stages load before the wait, so that they stream while the kernels ahead end
-  // (0.2-0.6 us faster than the first alone on the one-wave grids of long K, 14336 x 4096 and
+  // (up to 0.6 us faster than the first alone on the one-wave grids of long K, 14336 x 4096 and
   // 21504 x 5376; bench/RESULTS.md, 2026-11-27). A wide CTA's warp whose share is just those two
   // (4096 x 4096) runs them as two steps: in the loop it measured 0.4 us slower.
   Stage<kGroupBlocks> even, odd;

@@ -445,7 +445,7 @@ w4a8_gemm(const GemmParams p) {
   // (up to 0.6 us faster than the first alone on the one-wave grids of long K, 14336 x 4096 and
   // 21504 x 5376; bench/RESULTS.md, 2026-11-27). A wide CTA's warp whose share is just those two
   // (4096 x 4096) keeps its own load and two steps: in the loop it measured 0.4 us slower, and one
-  // load for both cases compiled the long-K wide kernels 0.6-0.7 us slower (14336 x 4096).
+  // load for both cases compiled the long-K wide kernels 0.5-0.8 us slower (14336 x 4096).
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
     even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);

@@ -10,7 +10,8 @@
 //   w4a8_gemm: a warp owns a tile of 32 weight rows and a strided share of its blocks; per block one
 //     16-byte load per lane brings both m16 halves of the tile already in mma fragment order (the
 //     tiled layout, packing.py), and two mma.m16n8k32 multiply them with all (up to 8) activation
-//     rows: each weight byte is read once and costs the same instructions whatever m is.
+//     rows: each weight byte is read once whatever m is. Up to m = 4 each activation row fills two
+//     neighbouring mma columns, so that a lane scales one output per weight row, as at m = 1.
 // A CTA's warps split the tile's blocks and reduce through shared memory; where the row tiles are
 // too few to fill the GPU, K is split further: over a wide CTA (twice the warps, one per SM) and, where
 // that is still too few, over CTAs too, the last of which adds the tile's partial sums. Small CTAs
@@ -54,6 +55,11 @@ namespace {
 
 // kBlockK (one mma k step) and kTileRows (two m16 mma tiles) come with the layout, in int4_mm.h.
 constexpr int kColTile = 8;                   // mma n: activation rows per B fragment
+// Up to this many activation rows (columns of B), column c fills the mma's columns 2c and 2c + 1 and
+// lane t of each quad scales only the output of mma column 2t, i.e. column t: one output per weight
+// row and lane, so m = 2..4 cost the instructions of m = 1 (m = 5..8 two per lane: 0.3-1.3 us more on
+// the benchmark's shapes; bench/RESULTS.md, 2026-11-27).
+constexpr int kLaneCols = 4;
 constexpr int kStageBlocks = ET_INT4_STAGE_BLOCKS;  // blocks a warp loads before it computes
 constexpr bool kPrefetch = ET_INT4_PREFETCH;  // load the next stage before computing this one
 constexpr int kCtaWarps = ET_INT4_CTA_WARPS;
@@ -106,10 +112,11 @@ __device__ __forceinline__ int permuted_position(int e) {
   return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
 }
 
-// One CTA per block, one warp per column stored (columns m.. are zero padding: d = 0, q = 0); lane l
-// quantizes element l. m = 1 stores one column: its single-warp CTAs find room at once on SMs that
-// the kernel ahead leaves idle in its last wave, and with the GEMM launched first thing, the GEMM is
-// resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).
+// One CTA per block, one warp per column written, of `cols` per block; lane l quantizes element l.
+// Up to kLaneCols rows the CTA writes the m real columns only (the GEMM reads no others); beyond, it
+// writes every column, those past m as zero padding (d = 0, q = 0). m = 1's single-warp CTAs find
+// room at once on SMs that the kernel ahead leaves idle in its last wave, and with the GEMM launched
+// first thing, the GEMM is resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).
 __global__ void __launch_bounds__(2 * kColTile * 32)
 quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
                      BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
@@ -242,10 +249,10 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
   return st;
 }
 
-// The columns one lane accumulates: cols = 1 keeps column 2t only (m = 1 needs column 0 alone);
+// The columns one lane accumulates: up to kLaneCols stored columns, column 2t only (row t);
 // otherwise the mma's two, 2t and 2t + 1, of each 8-column tile.
 constexpr int col_tiles(int cols) { return cols > kColTile ? 2 : 1; }
-constexpr int cols_per_tile(int cols) { return cols == 1 ? 1 : 2; }
+constexpr int cols_per_tile(int cols) { return cols <= kLaneCols ? 1 : 2; }
 constexpr int acc_slots(int cols) { return 2 * 2 * col_tiles(cols) * cols_per_tile(cols); }  // m16 halves x row halves x columns
 
 template <int kCols>
@@ -253,8 +260,8 @@ struct Cols {
   static constexpr int kTiles = col_tiles(kCols);
   static constexpr int kPerTile = cols_per_tile(kCols);
   static constexpr int kAcc = acc_slots(kCols);
-  // Columns per block in the quantized activations and their (d, -sum): m = 1 keeps one; otherwise
-  // those past m are zero padding.
+  // Columns per block in the quantized activations and their (d, -sum): up to kLaneCols only the
+  // first m are written; otherwise those past m are zero padding.
   static constexpr int kStored = kCols;
   using Meta = std::conditional_t<kPerTile == 2, uint4, uint2>;  // (d, -sum) of the lane's columns
 };
@@ -379,7 +386,7 @@ __device__ __forceinline__ void slot_position(int tile, int slot, int lane, int&
   constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
   const int e = slot % E, ct = (slot / E) % CT, h = (slot / (E * CT)) % 2, half = slot / (2 * E * CT);
   row = tile * kTileRows + half * 16 + h * 8 + lane / 4;
-  col = ct * kColTile + 2 * (lane % 4) + e;
+  col = E == 1 ? lane % 4 : ct * kColTile + 2 * (lane % 4) + e;
 }
 
 // Resident CTAs per SM that the register budget is set for.
@@ -409,14 +416,15 @@ w4a8_gemm(const GemmParams p) {
   const int first_group = kExactGroups ? first / kGroupBlocks : 0;
   WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
                  wz + first_group * 8};
-  // m = 1 stores one column, which every lane reads (so lanes t = 1..3 compute it again, for columns
-  // 2t that are never stored); otherwise lane g reads column g of each tile (padding columns are
-  // zeros, and their d is 0).
+  // Up to kLaneCols columns, lane g reads column g / 2 and lane t scales column t; lanes past column
+  // m - 1 read that one again (only the m written columns are read), for outputs never stored.
+  // Otherwise lane g reads column g of each tile (padding columns are zeros, and their d is 0).
   const int8_t* x[CT];
 #pragma unroll
   for (int ct = 0; ct < CT; ++ct)
-    x[ct] = p.xq + (static_cast<int64_t>(first) * C::kStored + (kCols == 1 ? 0 : ct * kColTile + g)) * kBlockK + 8 * t;
-  const BlockMeta* mt = p.meta + static_cast<int64_t>(first) * C::kStored + (kCols == 1 ? 0 : 2 * t);
+    x[ct] = p.xq + (static_cast<int64_t>(first) * C::kStored + (E == 1 ? min(g / 2, p.m - 1) : ct * kColTile + g)) * kBlockK +
+            8 * t;
+  const BlockMeta* mt = p.meta + static_cast<int64_t>(first) * C::kStored + (E == 1 ? min(t, p.m - 1) : 2 * t);
 
   float acc[2][2][CT][E] = {};
   constexpr int kStride = kWarps * kStageBlocks;
@@ -507,7 +515,7 @@ w4a8_gemm(const GemmParams p) {
   }
 }
 
-int cols_for(int64_t m) { return m == 1 ? 1 : m <= kColTile ? kColTile : 2 * kColTile; }
+int cols_for(int64_t m) { return m <= kLaneCols ? kLaneCols : m <= kColTile ? kColTile : 2 * kColTile; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -678,7 +686,8 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   auto* counters = reinterpret_cast<unsigned*>(base + pl.meta_bytes + pl.xq_bytes + pl.partial_bytes);
   const bool pdl = device_info().pdl;
 
-  cudaError_t err = launch_chained(quantize_activations, pl.blocks, pl.cols * 32, stream, pdl,
+  const int64_t quant_warps = pl.cols == kLaneCols ? a.m : pl.cols;  // see quantize_activations
+  cudaError_t err = launch_chained(quantize_activations, pl.blocks, static_cast<int>(quant_warps * 32), stream, pdl,
                                    static_cast<const __nv_bfloat16*>(a.x), static_cast<int>(a.m), a.k, pl.cols,
                                    meta, xq, counters, static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   if (err != cudaSuccess) return cudaGetErrorString(err);
@@ -699,7 +708,7 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   const int run = run_blocks(a.group_size);
   const Launch l{stream, pdl, pl.warps};
   switch (pl.cols) {
-    case 1: err = dispatch_groups<1>(p, run, a.row_zeros, l); break;
+    case kLaneCols: err = dispatch_groups<kLaneCols>(p, run, a.row_zeros, l); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
     case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, l); break;
 #endif

@@ -249,7 +249,7 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
   return st;
 }
 
-// The columns one lane accumulates: up to kLaneCols stored columns, column 2t only (row t);
+// The columns one lane accumulates: up to kLaneCols stored columns, mma column 2t only (column t);
 // otherwise the mma's two, 2t and 2t + 1, of each 8-column tile.
 constexpr int col_tiles(int cols) { return cols > kColTile ? 2 : 1; }
 constexpr int cols_per_tile(int cols) { return cols <= kLaneCols ? 1 : 2; }

@@ -57,8 +57,8 @@ namespace {
 constexpr int kColTile = 8;                   // mma n: activation rows per B fragment
 // Up to this many activation rows (columns of B), column c fills the mma's columns 2c and 2c + 1 and
 // lane t of each quad scales only the output of mma column 2t, i.e. column t: one output per weight
-// row and lane, so m = 2..4 cost the instructions of m = 1 (m = 5..8 two per lane: 0.3-1.3 us more on
-// the benchmark's shapes; bench/RESULTS.md, 2026-11-27).
+// row and lane, so m = 2..4 cost the instructions of m = 1 (m = 5..8 keep two per lane and take
+// 0.4-1.5 us more than m = 4 on the benchmark's shapes at gs 32; bench/RESULTS.md, 2026-11-27).
 constexpr int kLaneCols = 4;
 constexpr int kStageBlocks = ET_INT4_STAGE_BLOCKS;  // blocks a warp loads before it computes
 constexpr bool kPrefetch = ET_INT4_PREFETCH;  // load the next stage before computing this one
@@ -113,7 +113,7 @@ __device__ __forceinline__ int permuted_position(int e) {
 }
 
 // One CTA per block, one warp per column written, of `cols` per block; lane l quantizes element l.
-// Up to kLaneCols rows the CTA writes the m real columns only (the GEMM reads no others); beyond, it
+// For m <= kLaneCols the CTA writes the m real columns only (the GEMM reads no others); beyond, it
 // writes every column, those past m as zero padding (d = 0, q = 0). m = 1's single-warp CTAs find
 // room at once on SMs that the kernel ahead leaves idle in its last wave, and with the GEMM launched
 // first thing, the GEMM is resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).

@@ -214,6 +214,35 @@ def test_cuda_graph_capture_and_replay():
         assert_matches_reference(static_out, new_x, qdata, scale, zero, gs)
 
 
+FIRST_CALL_CAPTURED = textwrap.dedent(
+    """
+    import torch, et_int4
+    from numerics import assert_within_one_rounding, random_operands
+    g = torch.Generator(device="cuda").manual_seed(12)
+    # A fresh process: the op's first calls, each of another kernel, run inside a capture. 4096 x 4096
+    # is a plan whose kernels set their shared-memory carveout on first use.
+    for m, gs in ((1, 32), (8, 128)):
+        x, q, s, z = random_operands(m, 4096, 4096, gs, generator=g, device="cuda")
+        static_x = torch.empty_like(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch.ops.et_int4.et_int4_plain_mm(static_x, q, s, z, gs, et_int4.SHIM_GEMM_MAX_M)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_within_one_rounding(out, et_int4.w4a8_reference(x, q, s, z, gs))
+    print("captured first calls match")
+    """
+)
+
+
+def test_first_calls_inside_a_cuda_graph_capture():
+    result = subprocess.run([sys.executable, "-c", FIRST_CALL_CAPTURED], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).parent)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0 and "captured first calls match" in report, report
+
+
 def test_two_streams_run_concurrently_and_correctly():
     gen = torch.Generator(device="cuda").manual_seed(13)
     cases = [random_operands(m, 4096, 4096, 128, generator=gen, device="cuda") for m in (3, 8)]

@@ -49,6 +49,9 @@
 #ifndef ET_INT4_SMALL_CTAS
 #define ET_INT4_SMALL_CTAS 1
 #endif
+#ifndef ET_INT4_MAX_SHARED
+#define ET_INT4_MAX_SHARED 1
+#endif
 
 namespace et_int4::cuda {
 namespace {
@@ -76,6 +79,13 @@ constexpr bool kWideCtas = ET_INT4_WIDE_CTAS && kCtasPerSm > 1 && kWideWarps <= 
 // picks them; bench/RESULTS.md, 2026-11-27). Not where the build allows m > 8, as for wide CTAs.
 constexpr int kSmallWarps = kCtaWarps / 2;
 constexpr bool kSmallCtas = ET_INT4_SMALL_CTAS && kCtaWarps % 2 == 0 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
+// Where a wide CTA's warps load both of their stages (all of K) before the wait, with no split (K of
+// 65..128 blocks over one wave, e.g. 4096 x 4096), the quantizer and the GEMM launch as kernels that
+// prefer the largest shared-memory carveout, though neither needs it: 0.3-0.7 us faster at every m on
+// 4096 x 4096 (bench/RESULTS.md, 2026-11-27). A per-CTA trace: the GEMM's prefetch then issues over ~2 us
+// rather than ~0.6 (fewer bytes queued at once), and the quantizer's loads, on the chain's critical path,
+// return ~1 us sooner. Not elsewhere: slower on the long-K shapes and on 4096 x 2048 (split K).
+constexpr bool kMaxSharedPlans = ET_INT4_MAX_SHARED;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.
 constexpr int kSplitAlign = 4;
@@ -117,6 +127,8 @@ __device__ __forceinline__ int permuted_position(int e) {
 // writes every column, those past m as zero padding (d = 0, q = 0). m = 1's single-warp CTAs find
 // room at once on SMs that the kernel ahead leaves idle in its last wave, and with the GEMM launched
 // first thing, the GEMM is resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).
+// kMaxShared: a kernel of its own, whose launches prefer the largest shared-memory carveout (Plan::max_shared).
+template <bool kMaxShared>
 __global__ void __launch_bounds__(2 * kColTile * 32)
 quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
                      BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
@@ -394,7 +406,8 @@ constexpr int ctas_per_sm(int warps, int cols) {
   return warps == kWideWarps ? 1 : warps == kSmallWarps ? 2 * kCtasPerSm : cols > kColTile ? kCtasPerSm / 2 : kCtasPerSm;
 }
 
-template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros>
+// kMaxShared: a kernel of its own, whose launches prefer the largest shared-memory carveout (Plan::max_shared).
+template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros, bool kMaxShared>
 __global__ void __launch_bounds__(kWarps * 32, ctas_per_sm(kWarps, kCols))
 w4a8_gemm(const GemmParams p) {
   using C = Cols<kCols>;
@@ -523,6 +536,7 @@ int64_t align16(int64_t bytes) { return ceil_div(bytes, 16) * 16; }
 
 // What the plan and the launch need of the current device, read once per device.
 struct DeviceInfo {
+  int device = -1;
   int multiprocessors = 1;
   bool pdl = false;  // programmatic dependent launch (compute capability 9.0+)
 };
@@ -541,12 +555,13 @@ DeviceInfo device_info() {
     packed = 2 * count + (major >= 9);
     if (device < kMaxDevices) cache[device].store(packed, std::memory_order_relaxed);
   }
-  return {packed / 2, (packed & 1) != 0};
+  return {device, packed / 2, (packed & 1) != 0};
 }
 
 // How one call divides its work and its workspace; a pure function of the shapes and the device.
 struct Plan {
   int cols, warps;
+  bool max_shared;  // its kernels prefer the largest shared-memory carveout (kMaxSharedPlans)
   int64_t tiles, blocks, splits, split_blocks;
   int64_t meta_bytes, xq_bytes, partial_bytes, counter_bytes;
   int64_t workspace() const { return meta_bytes + xq_bytes + partial_bytes + counter_bytes; }
@@ -598,6 +613,9 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   }
   pl.split_blocks = split_blocks_of(splits);
   pl.splits = ceil_div(pl.blocks, pl.split_blocks);
+  constexpr int64_t kWideStage = kWideWarps * kStageBlocks;  // blocks one stage of a wide CTA covers
+  pl.max_shared = kMaxSharedPlans && kPrefetch && kWideCtas && pl.warps == kWideWarps && pl.splits == 1 &&
+                  pl.blocks > kWideStage && pl.blocks <= 2 * kWideStage;
   pl.meta_bytes = align16(pl.blocks * pl.cols * static_cast<int64_t>(sizeof(BlockMeta)));
   pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);
   pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * acc_slots(pl.cols) * 32 * 4 : 0;
@@ -629,27 +647,51 @@ cudaError_t launch_chained(void (*kernel)(Params...), int64_t grid, int block, c
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-// How the GEMM of one call launches: its stream, whether chained, and the plan's warps per CTA.
+// How the kernels of one call launch: stream, device, whether chained, and the plan's CTAs.
 struct Launch {
   cudaStream_t stream;
+  int device;
   bool pdl;
   int warps;
+  bool max_shared;
 };
 
-template <int kWarps, int kCols, int kGroupBlocks, bool kRowZeros>
+// Sets kKernel's preference for the largest shared-memory carveout on `device`, once per device. A
+// preference that cannot be set costs only speed: its error is cleared, so that the launch reports its own.
+template <auto kKernel>
+void prefer_max_shared(int device) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d (devices past 63: every call)
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if ((done.load(std::memory_order_relaxed) & bit) != 0) return;
+  if (cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) ==
+      cudaSuccess)
+    done.fetch_or(bit, std::memory_order_relaxed);
+  else
+    (void)cudaGetLastError();
+}
+
+template <auto kKernel, bool kMaxShared, typename... Args>
+cudaError_t launch(int64_t grid, int block, const Launch& l, Args... args) {
+  if constexpr (kMaxShared) prefer_max_shared<kKernel>(l.device);
+  return launch_chained(kKernel, grid, block, l.stream, l.pdl, args...);
+}
+
+template <int kWarps, int kCols, int kGroupBlocks, bool kRowZeros, bool kMaxShared = false>
 cudaError_t launch_gemm(const GemmParams& p, const Launch& l) {
   const int64_t grid = static_cast<int64_t>(p.tiles) * p.splits;
   return p.blocks_per_group == kGroupBlocks
-             ? launch_chained(w4a8_gemm<kWarps, kCols, kGroupBlocks, true, kRowZeros>, grid, kWarps * 32, l.stream,
-                              l.pdl, p)
-             : launch_chained(w4a8_gemm<kWarps, kCols, kGroupBlocks, false, kRowZeros>, grid, kWarps * 32, l.stream,
-                              l.pdl, p);
+             ? launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, true, kRowZeros, kMaxShared>, kMaxShared>(
+                   grid, kWarps * 32, l, p)
+             : launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, false, kRowZeros, kMaxShared>, kMaxShared>(
+                   grid, kWarps * 32, l, p);
 }
 
 template <int kCols, int kGroupBlocks, bool kRowZeros>
 cudaError_t dispatch_warps(const GemmParams& p, const Launch& l) {
   if constexpr (kWideCtas) {
-    if (l.warps == kWideWarps) return launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+    if (l.warps == kWideWarps)
+      return l.max_shared ? launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros, true>(p, l)
+                          : launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
   }
   if constexpr (kSmallCtas) {
     if (l.warps == kSmallWarps) return launch_gemm<kSmallWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
@@ -684,12 +726,17 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   auto* xq = reinterpret_cast<int8_t*>(base + pl.meta_bytes);
   auto* partial = reinterpret_cast<float*>(base + pl.meta_bytes + pl.xq_bytes);
   auto* counters = reinterpret_cast<unsigned*>(base + pl.meta_bytes + pl.xq_bytes + pl.partial_bytes);
-  const bool pdl = device_info().pdl;
+  const DeviceInfo dev = device_info();
+  const Launch l{stream, dev.device, dev.pdl, pl.warps, pl.max_shared};
 
-  const int64_t quant_warps = pl.cols == kLaneCols ? a.m : pl.cols;  // see quantize_activations
-  cudaError_t err = launch_chained(quantize_activations, pl.blocks, static_cast<int>(quant_warps * 32), stream, pdl,
-                                   static_cast<const __nv_bfloat16*>(a.x), static_cast<int>(a.m), a.k, pl.cols,
-                                   meta, xq, counters, static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
+  const int quant_threads = static_cast<int>((pl.cols == kLaneCols ? a.m : pl.cols) * 32);  // see quantize_activations
+  auto quantize = [&](auto kernel_tag) {
+    constexpr bool kMaxShared = decltype(kernel_tag)::value;
+    return launch<quantize_activations<kMaxShared>, kMaxShared>(
+        pl.blocks, quant_threads, l, static_cast<const __nv_bfloat16*>(a.x), static_cast<int>(a.m), a.k, pl.cols, meta,
+        xq, counters, static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
+  };
+  cudaError_t err = pl.max_shared ? quantize(std::true_type{}) : quantize(std::false_type{});
   if (err != cudaSuccess) return cudaGetErrorString(err);
 
   const int64_t group_blocks = a.group_size / kBlockK;
@@ -706,7 +753,6 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
                      static_cast<int>(group_blocks), static_cast<int>(pl.splits),
                      static_cast<int>(pl.split_blocks)};
   const int run = run_blocks(a.group_size);
-  const Launch l{stream, pdl, pl.warps};
   switch (pl.cols) {
     case kLaneCols: err = dispatch_groups<kLaneCols>(p, run, a.row_zeros, l); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8

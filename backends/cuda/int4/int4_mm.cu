@@ -81,10 +81,11 @@ constexpr int kSmallWarps = kCtaWarps / 2;
 constexpr bool kSmallCtas = ET_INT4_SMALL_CTAS && kCtaWarps % 2 == 0 && ET_INT4_SHIM_GEMM_MAX_M <= 8;
 // Where a wide CTA's warps load both of their stages (all of K) before the wait, with no split (K of
 // 65..128 blocks over one wave, e.g. 4096 x 4096), the quantizer and the GEMM launch as kernels that
-// prefer the largest shared-memory carveout, though neither needs it: 0.3-0.7 us faster at every m on
-// 4096 x 4096 (bench/RESULTS.md, 2026-11-27). A per-CTA trace: the GEMM's prefetch then issues over ~2 us
-// rather than ~0.6 (fewer bytes queued at once), and the quantizer's loads, on the chain's critical path,
-// return ~1 us sooner. Not elsewhere: slower on the long-K shapes and on 4096 x 2048 (split K).
+// prefer the largest shared-memory carveout, though neither needs it: on 4096 x 4096 0.3-0.7 us faster
+// at m = 2..8 and at gs 32's m = 1, 0.1 us slower at gs 128's m = 1 (bench/RESULTS.md, 2026-11-27). A
+// per-CTA trace: the GEMM's prefetch then issues over ~2 us rather than ~0.6 (fewer bytes queued at
+// once), and the quantizer's loads, on the chain's critical path, return ~1 us sooner. Not elsewhere:
+// slower on the long-K shapes and on 4096 x 2048 (split K).
 constexpr bool kMaxSharedPlans = ET_INT4_MAX_SHARED;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.

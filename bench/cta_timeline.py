@@ -2,8 +2,8 @@
 
 `instrument` copies the sources (CMakeLists.txt, backends/, runtime/) to OUT, adds per-CTA records to
 int4_mm.cu and builds OUT/build/libet_int4.so. Each CTA of either kernel records %globaltimer at its start, after
-its wait (and, for the GEMM, after issuing its first loads, after a two-stage warp's first stage, after its stages
-and at its end), with %smid and %gridid. `run` replays a graph of calls (bench_int4_mm.py's, one weight copy per
+its wait and at its end (the GEMM also after issuing its first loads and after its stages), with %smid and
+%gridid. `run` replays a graph of calls (bench_int4_mm.py's, one weight copy per
 call) once at a time with that library, and prints per M the medians over the calls of when each phase ends, in us
 from the end of the GEMM ahead, the kernel the quantizer waits for (bench/RESULTS.md, fourteenth round of issue 8):
 
@@ -25,7 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CAPACITY = 1 << 18  # records kept per replay
 
-# (anchor in int4_mm.cu, text placed before or after it); each anchor must occur once.
 RECORDER = r"""
 struct CtaRecord { unsigned long long grid, t[6]; unsigned kind, block, smid, pad; };  // kind 1: quantizer
 __device__ CtaRecord g_cta_records[CAPACITY];
@@ -68,6 +67,7 @@ def now(name: str) -> str:
     return f"  const unsigned long long {name} = cta_now();\n"
 
 
+# (anchor in int4_mm.cu, text, placed before or after the anchor or in its place); each anchor occurs once.
 WAIT = "  wait_for_prerequisites();  // weights never depend on the kernel before us; activations do\n"
 EDITS = [
     ("namespace et_int4::cuda {\nnamespace {\n", RECORDER, "before"),
@@ -77,16 +77,13 @@ EDITS = [
     ("  const int64_t block = blockIdx.x;\n", now("q1"), "before"),
     ("  xq[item * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);\n",
      "  if (threadIdx.x == 0) cta_record(q_slot, 1, q0, 0, q1, 0, 0);\n", "after"),
-    # GEMM: start, loads issued, after the wait, a two-stage warp's first stage, stages done, end
-    ("  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;\n", start("g") + "  unsigned long long g3 = 0;\n",
-     "before"),
+    # GEMM: start, loads issued, after the wait, stages done, end
+    ("  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;\n", start("g"), "before"),
     (WAIT, now("g1"), "before"),
     (WAIT, now("g2"), "after"),
-    ("    step(even, odd, true);\n    step(odd, even);\n",
-     "    step(even, odd, true);\n    g3 = cta_now();\n    step(odd, even);\n", "replace"),
     ("  __syncthreads();\n  float* mine =", "  __syncthreads();\n" + now("g4") + "  float* mine =", "replace"),
     ("  if (p.splits == 1) return;\n",
-     "  if (p.splits == 1) {\n    if (threadIdx.x == 0) cta_record(g_slot, 2, g0, g1, g2, g3, g4);\n    return;\n  }\n",
+     "  if (p.splits == 1) {\n    if (threadIdx.x == 0) cta_record(g_slot, 2, g0, g1, g2, 0, g4);\n    return;\n  }\n",
      "replace"),
 ]
 

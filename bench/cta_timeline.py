@@ -74,9 +74,8 @@ EDITS = [
     # quantizer: start, after its wait, end
     ("  // Before its griddepcontrol.wait the GEMM reads only the weights, which no kernel writes.\n", start("q"),
      "before"),
-    ("  const int64_t block = blockIdx.x;\n", now("q1"), "before"),
-    ("  xq[item * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);\n",
-     "  if (threadIdx.x == 0) cta_record(q_slot, 1, q0, 0, q1, 0, 0);\n", "after"),
+    ("  if (blockIdx.x == 0)\n", now("q1"), "before"),
+    ("  store(q);\n", "  if (threadIdx.x == 0) cta_record(q_slot, 1, q0, 0, q1, 0, 0);\n", "after"),
     # GEMM: start, loads issued, after the wait, stages done, end
     ("  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;\n", start("g"), "before"),
     (WAIT, now("g1"), "before"),

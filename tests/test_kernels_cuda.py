@@ -96,7 +96,8 @@ def test_non_finite_activation_blocks_make_their_rows_nan():
 def test_group_sizes_and_k_off_the_fast_paths(n, k, group_size):
     # Group sizes that are no power of two read their scales per block; K that is no multiple of a
     # stage or a split leaves partial stages (4096 x 4032: wide CTAs whose warps load both their
-    # stages before the wait, the second one partial).
+    # stages before the wait, the second one partial; its quantizer's 8-block warps, the last one
+    # past the end of K).
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     for m in (1, 3, et_int4.SHIM_GEMM_MAX_M):
         x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda")
@@ -176,11 +177,13 @@ def test_strided_activation_rows():
         assert_matches_reference(run_op(half, qdata, scale, zero, 64), half.contiguous(), qdata, scale, zero, 64)
 
 
+@pytest.mark.parametrize("n,k", [(256, 512), (4096, 4032)])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_activations_off_16_byte_alignment(m):
-    # x is read with bf16's 2-byte alignment only: an offset view of a row-major tensor is valid input.
+def test_activations_off_16_byte_alignment(m, n, k):
+    # x is read with bf16's 2-byte alignment only: an offset view of a row-major tensor is valid input
+    # (4096 x 4032: the quantizer whose lanes load 16 bytes where x allows it).
     gen = torch.Generator(device="cuda").manual_seed(11)
-    x, qdata, scale, zero = random_operands(m, 256, 512, 32, generator=gen, device="cuda")
+    x, qdata, scale, zero = random_operands(m, n, k, 32, generator=gen, device="cuda")
     offset = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view(x.shape)
     offset.copy_(x)
     assert offset.data_ptr() % 16
@@ -279,9 +282,10 @@ SANITIZER_CASE = textwrap.dedent(
     from numerics import random_operands
     g = torch.Generator(device="cuda").manual_seed(0)
     # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide, 8-warp and
-    # small CTAs (4096 x 4096: wide CTAs whose warps load both their stages before the wait; 14336 x 256
-    # and 96 x 3584: 4-warp CTAs, the second with split K).
-    for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64),
+    # small CTAs (4096 x 4096: wide CTAs whose warps load both their stages before the wait, 4096 x 4032
+    # the same with padding columns and a quantizer warp past the end of K; 14336 x 256 and 96 x 3584:
+    # 4-warp CTAs, the second with split K).
+    for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64), (6, 4096, 4032, 64),
                         (1, 128, 8192, 128), (5, 14336, 256, 128), (8, 96, 3584, 32)):
         x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda")
         torch.ops.et_int4.et_int4_plain_mm(x, q, s, z, gs, 8)

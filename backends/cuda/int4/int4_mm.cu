@@ -123,46 +123,109 @@ __device__ __forceinline__ int permuted_position(int e) {
   return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
 }
 
-// One CTA per block, one warp per column written, of `cols` per block; lane l quantizes element l.
-// For m <= kLaneCols the CTA writes the m real columns only (the GEMM reads no others); beyond, it
-// writes every column, those past m as zero padding (d = 0, q = 0). m = 1's single-warp CTAs find
-// room at once on SMs that the kernel ahead leaves idle in its last wave, and with the GEMM launched
-// first thing, the GEMM is resident and loading weights before that kernel ends (bench/RESULTS.md, 2026-11-27).
+// Elements of x a quantizer lane takes where the GEMM is a single wave of wide CTAs (Plan::few_quant_ctas); 1 elsewhere.
+constexpr int kFewCtasLaneElems = 8;
+// Blocks (a CTA's) that one quantizer warp covers.
+constexpr int quant_warp_blocks(int lane_elems) { return 32 * lane_elems / kBlockK; }
+
+// One warp per column written, of `cols` per block, and kLaneElems elements per lane: one CTA per
+// quant_warp_blocks(kLaneElems) blocks. For m <= kLaneCols the CTA writes the m real columns only (the GEMM
+// reads no others); beyond, it writes every column, those past m as zero padding (d = 0, q = 0).
+// - One element per lane (one block per warp): many small CTAs, which spread the divisions over the
+//   SMs as the kernel ahead leaves them (8 per lane were 0.3-1.4 us slower on the long-K shapes at
+//   m = 4..8, and on 4096 x 14336).
+// - Eight (one 16-byte load; eight blocks per warp) where the GEMM is one wave of wide CTAs that each
+//   need a whole SM (Plan::few_quant_ctas, e.g. 4096 x 4096): the few CTAs fit on the SMs that the GEMM
+//   ahead leaves idle at every m, rather than holding SMs that the next GEMM's CTAs wait for (0.2-0.6 us
+//   faster there; 0.2-0.3 us slower at m = 4 and 8 on 4096 x 5376, whose 168 wide CTAs run in two
+//   waves; bench/RESULTS.md, 2026-11-27).
+// The GEMM launches first thing, so that it is resident and loading weights before the kernel ahead ends.
 // kMaxShared: a kernel of its own, whose launches prefer the largest shared-memory carveout (Plan::max_shared).
-template <bool kMaxShared>
+template <int kLaneElems, bool kMaxShared>
 __global__ void __launch_bounds__(2 * kColTile * 32)
-quantize_activations(const __nv_bfloat16* __restrict__ x, int m, int64_t k, int cols,
+quantize_activations(const __nv_bfloat16* __restrict__ x, bool x_aligned, int m, int64_t k, int cols,
                      BlockMeta* __restrict__ meta, int8_t* __restrict__ xq,
                      unsigned* __restrict__ counters, int n_counters) {
+  static_assert(kLaneElems == 1 || kLaneElems == 8, "a lane stores one byte or an 8-byte word");
+  constexpr int kBlockLanes = kBlockK / kLaneElems;
   // Before its griddepcontrol.wait the GEMM reads only the weights, which no kernel writes.
   launch_dependents();
   // x may come from the kernel before us, and our workspace may be the one it just freed.
   wait_for_prerequisites();
-  const int64_t block = blockIdx.x;
   // Split K's tickets, one per row tile: fewer than the GPU's CTA slots (split K runs only then), so
   // one CTA zeroes them with 32-bit indices. A 64-bit loop over the grid made the compiler divide
   // 64-bit integers for its trip count, and was 0.1-0.2 us slower on 4096 x 4096 at m = 8 (bench/RESULTS.md).
-  if (block == 0)
+  if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < n_counters; i += blockDim.x) counters[i] = 0;
   const int col = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int first = kLaneElems * (lane % kBlockLanes);  // the lane's first element of its block
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * quant_warp_blocks(kLaneElems) + lane / kBlockLanes;
+  const bool inside = kLaneElems == 1 || block < k / kBlockK;  // a run of several blocks may pass the end of K
   const int64_t item = block * cols + col;
+  int8_t* const q_out = xq + item * kBlockK;
+  // The lane's bytes at their places in the mma's k order: of eight elements, the even ones' word (b0),
+  // then the odd ones' (b1).
+  auto store = [&](const int (&q)[kLaneElems]) {
+    if constexpr (kLaneElems == 1) {
+      q_out[permuted_position(first)] = static_cast<int8_t>(q[0]);
+    } else {
+      uint32_t words[2] = {};
+#pragma unroll
+      for (int i = 0; i < kLaneElems; ++i) words[i % 2] |= (static_cast<uint32_t>(q[i]) & 0xffu) << (8 * (i / 2));
+      *reinterpret_cast<uint2*>(q_out + first) = make_uint2(words[0], words[1]);
+    }
+  };
   if (col >= m) {
-    if (lane == 0) meta[item] = BlockMeta{0.f, 0};
-    xq[item * kBlockK + lane] = 0;
+    if (inside) {
+      if (first == 0) meta[item] = BlockMeta{0.f, 0};
+      store({});
+    }
     return;
   }
-  const float v = __bfloat162float(x[col * k + block * kBlockK + lane]);
-  // The bits of |v| order as the values do, with Inf and NaN above every finite value: one integer
-  // reduction gives amax and whether the block is finite (this kernel's latency is on the chain's
-  // critical path: one redux in place of five shuffle rounds).
-  const unsigned amax = __reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v)));
+  float v[kLaneElems] = {};
+  if (inside) {
+    const __nv_bfloat16* src = x + col * k + block * kBlockK + first;
+    if (kLaneElems == 8 && x_aligned) {  // x's rows are 64-byte multiples: its base decides every lane's alignment
+      const uint4 raw = *reinterpret_cast<const uint4*>(src);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int i = 0; i < kLaneElems; ++i) v[i] = __uint_as_float(i % 2 ? words[i / 2] & 0xffff0000u : words[i / 2] << 16);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kLaneElems; ++i) v[i] = __bfloat162float(src[i]);
+    }
+  }
+  // Over the block's lanes (the warp, or a quad): one redux where it is the warp (this kernel's latency
+  // is on the chain's critical path: one redux in place of five shuffle rounds).
+  auto reduce = [](auto value, auto op, auto redux) {
+    if constexpr (kBlockLanes == 32) {
+      return redux(value);
+    } else {
+#pragma unroll
+      for (int offset = 1; offset < kBlockLanes; offset *= 2) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
+      return value;
+    }
+  };
+  // The bits of |v| order as the values do, with Inf and NaN above every finite value: integer maxima
+  // give amax and whether the block is finite at once.
+  unsigned amax = 0;
+#pragma unroll
+  for (int i = 0; i < kLaneElems; ++i) amax = max(amax, __float_as_uint(fabsf(v[i])));
+  amax = reduce(amax, [](unsigned a, unsigned b) { return max(a, b); },
+                [](unsigned a) { return __reduce_max_sync(0xffffffffu, a); });
   // A NaN or Inf anywhere in the block makes d NaN, so every output it feeds is NaN.
   const bool finite = amax < kInfinityBits;
   const float d = finite ? __uint_as_float(amax) / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
-  const int q = finite && d != 0.f ? __float2int_rn(v / d) : 0;
-  const int sum = __reduce_add_sync(0xffffffffu, q);
-  if (lane == 0) meta[item] = BlockMeta{d, -sum};
-  xq[item * kBlockK + permuted_position(lane)] = static_cast<int8_t>(q);
+  int q[kLaneElems], sum = 0;
+#pragma unroll
+  for (int i = 0; i < kLaneElems; ++i) {
+    q[i] = finite && d != 0.f ? __float2int_rn(v[i] / d) : 0;
+    sum += q[i];
+  }
+  sum = reduce(sum, [](int a, int b) { return a + b; }, [](int a) { return __reduce_add_sync(0xffffffffu, a); });
+  if (!inside) return;
+  if (first == 0) meta[item] = BlockMeta{d, -sum};
+  store(q);
 }
 
 // Weights are streamed once: keep them out of L1, which holds the re-read activations. (Scales
@@ -563,6 +626,7 @@ DeviceInfo device_info() {
 struct Plan {
   int cols, warps;
   bool max_shared;  // its kernels prefer the largest shared-memory carveout (kMaxSharedPlans)
+  bool few_quant_ctas;  // the quantizer's lanes take kFewCtasLaneElems elements (quantize_activations)
   int64_t tiles, blocks, splits, split_blocks;
   int64_t meta_bytes, xq_bytes, partial_bytes, counter_bytes;
   int64_t workspace() const { return meta_bytes + xq_bytes + partial_bytes + counter_bytes; }
@@ -617,6 +681,8 @@ Plan make_plan(int64_t m, int64_t n, int64_t k) {
   constexpr int64_t kWideStage = kWideWarps * kStageBlocks;  // blocks one stage of a wide CTA covers
   pl.max_shared = kMaxSharedPlans && kPrefetch && kWideCtas && pl.warps == kWideWarps && pl.splits == 1 &&
                   pl.blocks > kWideStage && pl.blocks <= 2 * kWideStage;
+  // One wave of wide CTAs leaves SMs idle, where the quantizer's few CTAs run.
+  pl.few_quant_ctas = pl.max_shared && pl.tiles <= sms;
   pl.meta_bytes = align16(pl.blocks * pl.cols * static_cast<int64_t>(sizeof(BlockMeta)));
   pl.xq_bytes = align16(pl.blocks * pl.cols * kBlockK);
   pl.partial_bytes = pl.splits > 1 ? pl.splits * pl.tiles * acc_slots(pl.cols) * 32 * 4 : 0;
@@ -731,13 +797,19 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
   const Launch l{stream, dev.device, dev.pdl, pl.warps, pl.max_shared};
 
   const int quant_threads = static_cast<int>((pl.cols == kLaneCols ? a.m : pl.cols) * 32);  // see quantize_activations
-  auto quantize = [&](auto kernel_tag) {
-    constexpr bool kMaxShared = decltype(kernel_tag)::value;
-    return launch<quantize_activations<kMaxShared>, kMaxShared>(
-        pl.blocks, quant_threads, l, static_cast<const __nv_bfloat16*>(a.x), static_cast<int>(a.m), a.k, pl.cols, meta,
-        xq, counters, static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
+  auto quantize = [&](auto lane_elems, auto max_shared) {
+    constexpr int kLaneElems = decltype(lane_elems)::value;
+    constexpr bool kMaxShared = decltype(max_shared)::value;
+    return launch<quantize_activations<kLaneElems, kMaxShared>, kMaxShared>(
+        ceil_div(pl.blocks, quant_warp_blocks(kLaneElems)), quant_threads, l, static_cast<const __nv_bfloat16*>(a.x),
+        reinterpret_cast<uintptr_t>(a.x) % 16 == 0, static_cast<int>(a.m), a.k, pl.cols, meta, xq, counters,
+        static_cast<int>(pl.splits > 1 ? pl.tiles : 0));
   };
-  cudaError_t err = pl.max_shared ? quantize(std::true_type{}) : quantize(std::false_type{});
+  using One = std::integral_constant<int, 1>;
+  using Few = std::integral_constant<int, kFewCtasLaneElems>;
+  cudaError_t err = pl.few_quant_ctas ? quantize(Few{}, std::true_type{})
+                    : pl.max_shared   ? quantize(One{}, std::true_type{})
+                                      : quantize(One{}, std::false_type{});
   if (err != cudaSuccess) return cudaGetErrorString(err);
 
   const int64_t group_blocks = a.group_size / kBlockK;

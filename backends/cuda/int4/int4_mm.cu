@@ -132,8 +132,8 @@ constexpr int quant_warp_blocks(int lane_elems) { return 32 * lane_elems / kBloc
 // quant_warp_blocks(kLaneElems) blocks. For m <= kLaneCols the CTA writes the m real columns only (the GEMM
 // reads no others); beyond, it writes every column, those past m as zero padding (d = 0, q = 0).
 // - One element per lane (one block per warp): many small CTAs, which spread the divisions over the
-//   SMs as the kernel ahead leaves them (8 per lane were 0.3-1.4 us slower on the long-K shapes at
-//   m = 4..8, and on 4096 x 14336).
+//   SMs as the kernel ahead leaves them (8 per lane were up to 1.4 us slower at m = 8 on every other
+//   benchmark shape, and 0.3-0.6 us at every m on 4096 x 14336).
 // - Eight (one 16-byte load; eight blocks per warp) where the GEMM is one wave of wide CTAs that each
 //   need a whole SM (Plan::few_quant_ctas, e.g. 4096 x 4096): the few CTAs fit on the SMs that the GEMM
 //   ahead leaves idle at every m, rather than holding SMs that the next GEMM's CTAs wait for (0.2-0.6 us

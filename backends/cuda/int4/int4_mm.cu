@@ -123,7 +123,8 @@ __device__ __forceinline__ int permuted_position(int e) {
   return (e & ~7) + (e & 1) * 4 + ((e & 7) >> 1);
 }
 
-// Elements of x a quantizer lane takes where the GEMM is a single wave of wide CTAs (Plan::few_quant_ctas); 1 elsewhere.
+// Elements of x a quantizer lane takes where the GEMM is a single wave of wide CTAs (Plan::few_quant_ctas);
+// 1 elsewhere.
 constexpr int kFewCtasLaneElems = 8;
 // Blocks (a CTA's) that one quantizer warp covers.
 constexpr int quant_warp_blocks(int lane_elems) { return 32 * lane_elems / kBlockK; }
@@ -189,7 +190,8 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, bool x_aligned, int m,
       const uint4 raw = *reinterpret_cast<const uint4*>(src);
       const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int i = 0; i < kLaneElems; ++i) v[i] = __uint_as_float(i % 2 ? words[i / 2] & 0xffff0000u : words[i / 2] << 16);
+      for (int i = 0; i < kLaneElems; ++i)
+        v[i] = __uint_as_float(i % 2 ? words[i / 2] & 0xffff0000u : words[i / 2] << 16);
     } else {
 #pragma unroll
       for (int i = 0; i < kLaneElems; ++i) v[i] = __bfloat162float(src[i]);
@@ -202,7 +204,8 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, bool x_aligned, int m,
       return redux(value);
     } else {
 #pragma unroll
-      for (int offset = 1; offset < kBlockLanes; offset *= 2) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
+      for (int offset = 1; offset < kBlockLanes; offset *= 2)
+        value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
       return value;
     }
   };

@@ -138,8 +138,8 @@ constexpr int quant_warp_blocks(int lane_elems) { return 32 * lane_elems / kBloc
 // - Eight (one 16-byte load; eight blocks per warp) where the GEMM is one wave of wide CTAs that each
 //   need a whole SM (Plan::few_quant_ctas, e.g. 4096 x 4096): the few CTAs fit on the SMs that the GEMM
 //   ahead leaves idle at every m, rather than holding SMs that the next GEMM's CTAs wait for (0.2-0.6 us
-//   faster there; 0.2-0.3 us slower at m = 4 and 8 on 4096 x 5376, whose 168 wide CTAs run in two
-//   waves; bench/RESULTS.md, 2026-11-27).
+//   faster there). Not where the wide CTAs run in two waves: 4096 x 5376 (168 of them) measured 0.2-0.3 us
+//   slower at m = 4 and 8, though a branch around the loads may have cost that (bench/RESULTS.md, 2026-11-27).
 // The GEMM launches first thing, so that it is resident and loading weights before the kernel ahead ends.
 // kMaxShared: a kernel of its own, whose launches prefer the largest shared-memory carveout (Plan::max_shared).
 template <int kLaneElems, bool kMaxShared>

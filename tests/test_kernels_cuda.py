@@ -310,6 +310,26 @@ def test_compute_sanitizer_is_clean(tool):
     assert summary in report, report
 
 
+def test_quantizer_rounds_as_the_ieee_division_on_every_bf16_pair(tmp_path):
+    # The quantizer's q = rint(v / d) takes the division's fast path with one reciprocal per lane and
+    # rounds by an FADD: tests/quantizer_rounding.cu checks it against __fdiv_rn and cvt.rni on all
+    # 1,065,402,238 pairs of its domain (a finite bf16 amax > 0 and a bf16 v with |v| <= amax).
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    repo = Path(__file__).parents[1]
+    major, minor = torch.cuda.get_device_capability()
+    binary = tmp_path / "quantizer_rounding"
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "-O3", f"-arch=sm_{major}{minor}", "-I", str(repo),
+         str(repo / "tests/quantizer_rounding.cu"), "-o", str(binary)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "1065402238 pairs, 0 mismatches" in result.stdout, result.stdout + result.stderr
+
+
 # -- the largest shapes validation admits: N and K below 2^31, element indices past 2^31 -------------
 
 def _random_tiled(tiles: int, k: int, group_size: int):

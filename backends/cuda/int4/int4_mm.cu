@@ -18,6 +18,7 @@
 // (half the warps, twice as many per SM) run grids whose tiles would leave a partial second wave in
 // one wave instead (make_plan).
 #include "backends/cuda/int4/int4_mm.h"
+#include "backends/cuda/int4/quantize_math.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -90,10 +91,6 @@ constexpr bool kMaxSharedPlans = ET_INT4_MAX_SHARED;
 // A CTA split of K covers a multiple of this many blocks, so that a stage's run (at most 4 blocks,
 // within one group) never straddles two splits.
 constexpr int kSplitAlign = 4;
-// 1.5 * 2^23: for |i| < 2^22 the float with bits (i + kMagicBits) is exactly kMagic + i, so the mma
-// adds kMagicBits as its C operand and one FADD converts the integer dot (no I2F on the XU pipe).
-constexpr int kMagicBits = 0x4B400000;
-constexpr float kMagic = 12582912.f;
 constexpr unsigned kInfinityBits = 0x7f800000u;  // +Inf; every finite |x| has fewer
 
 static_assert(kStageBlocks % kSplitAlign == 0 || kSplitAlign % kStageBlocks == 0);
@@ -219,12 +216,10 @@ quantize_activations(const __nv_bfloat16* __restrict__ x, bool x_aligned, int m,
   // A NaN or Inf anywhere in the block makes d NaN, so every output it feeds is NaN.
   const bool finite = amax < kInfinityBits;
   const float d = finite ? __uint_as_float(amax) / 127.f : __int_as_float(0x7fffffff);  // IEEE division, as the reference
-  int q[kLaneElems], sum = 0;
+  int q[kLaneElems] = {}, sum = 0;
+  if (finite) quantize_elements(v, d, q);
 #pragma unroll
-  for (int i = 0; i < kLaneElems; ++i) {
-    q[i] = finite && d != 0.f ? __float2int_rn(v[i] / d) : 0;
-    sum += q[i];
-  }
+  for (int i = 0; i < kLaneElems; ++i) sum += q[i];
   sum = reduce(sum, [](int a, int b) { return a + b; }, [](int a) { return __reduce_add_sync(0xffffffffu, a); });
   if (!inside) return;
   if (first == 0) meta[item] = BlockMeta{d, -sum};
@@ -384,7 +379,8 @@ __device__ __forceinline__ int sign_extended_byte(uint32_t v, int i) {
   return out;
 }
 
-// d = a * b + kMagicBits, a: 16 x 32 weights (u in [0, 15]), b: 32 x 8 activations.
+// d = a * b + kMagicBits (one FADD of kMagic then gives each integer's float), a: 16 x 32 weights
+// (u in [0, 15]), b: 32 x 8 activations.
 __device__ __forceinline__ void mma_s8(const uint32_t (&a)[4], const uint2& b, int (&d)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "

@@ -36,7 +36,9 @@ def test_a_kernel_without_an_anchor_is_refused_with_the_anchor_named():
 def test_the_instrumented_kernel_compiles(tmp_path):
     source = tmp_path / "backends" / "cuda" / "int4"
     source.mkdir(parents=True)
-    shutil.copy(ROOT / "backends" / "cuda" / "int4" / "int4_mm.h", source)
+    kernels = ROOT / "backends" / "cuda" / "int4"
+    for header in [*kernels.glob("*.h"), *kernels.glob("*.cuh")]:  # what the kernel includes
+        shutil.copy(header, source)
     (source / "int4_mm.cu").write_text(tool["instrumented"](KERNEL))
     result = subprocess.run(
         ["nvcc", "-std=c++17", "-arch=sm_90", "--expt-relaxed-constexpr", "-DET_INT4_SHIM_GEMM_MAX_M=8",

@@ -17,8 +17,8 @@ constexpr float kMagic = 12582912.f;
 // rint(t), half to even, for |t| < 2^22: the FADD rounds t to an integer at kMagic's exponent.
 __device__ __forceinline__ int round_to_int(float t) { return __float_as_int(t + kMagic) - kMagicBits; }
 
-// The divisors for which divide_by() is the IEEE quotient: neither 1/d nor a quotient of at most 127
-// times d leaves the normal range. A checked superset of what the division's own fast path takes.
+// The divisors for which divide_by() is checked equal to the IEEE quotient for every bf16 v with
+// |v| <= 127 d (tests/quantizer_rounding.cu); 1/d stays in the normal range there.
 constexpr float kMinFastDivisor = 0x1p-100f;
 constexpr float kMaxFastDivisor = 0x1p100f;
 
@@ -35,11 +35,11 @@ __device__ __forceinline__ float divide_by(float v, float d, float r) {
   return fmaf(r, fmaf(-d, q0, v), q0);
 }
 
-// q[i] = rint(v[i] / d) for a lane's elements of a finite block, d = its amax / 127 (q = 0 where d is 0:
-// an all-zero block, whose 0 / 0 would be NaN). The lane's
-// elements share d: where they are several, the reciprocal is refined once and each quotient takes
-// three FMA-pipe instructions, in place of a division each (MUFU.RCP, FCHK, a branch to the slow
-// path and five FFMAs); other divisors take the IEEE division.
+// q[i] = rint(v[i] / d) for a lane's elements of a finite block, d = its amax / 127; q = 0 where d is 0
+// (an all-zero block, whose 0 / 0 would be NaN). The elements share d: where they are several, the
+// reciprocal is refined once and each quotient takes three FMA-pipe instructions, in place of a
+// division each (MUFU.RCP, FCHK, a branch to the slow path and five FFMAs); other divisors take the
+// IEEE division.
 template <int kElems>
 __device__ __forceinline__ void quantize_elements(const float (&v)[kElems], float d, int (&q)[kElems]) {
   float t[kElems];

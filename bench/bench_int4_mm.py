@@ -8,12 +8,14 @@ rows; PyTorch's tinygemm `_weight_int4pack_mm` (W4A16, its own layout); bf16 `F.
 
 Bandwidth: "% copy bw" = bytes / time / the device-to-device copy bandwidth measured in the same
 run (bytes read + written), where bytes = weights + scales + zeros (et-int4: N*K/2 + 3*N*K/gs with a
-zero point per group, N*K/2 + 2*N*K/gs + N with one per row; ExecuTorch: N*K/2 + 2*N*K/gs + 4*N*K/256)
+zero point per group, N*K/2 + 2*N*K/gs + N with one per row, N*K/2 + 2*N*K/gs + N/32 symmetric; ExecuTorch:
+N*K/2 + 2*N*K/gs + 4*N*K/256)
 + activations read (2*M*K) + output written (2*M*N).
 
 Zero points ("zeros" column): "group" is one per row and group (asymmetric weights; ExecuTorch's
-format always stores one per group), "row" one per row, which the pass stores for torchao's
-symmetric default (all 8) and the kernels read once per row.
+format always stores one per group), "row" one per row (the kernels read it once per row), and
+"symmetric" torchao's default (every zero point 8), which the pass stores as one 8 per tile and whose
+kernels have no zero-point term.
 
 Method: each variant runs inside one CUDA graph that calls it once per copy of the weights, the
 copies together larger than L2 so that every call streams its weights from HBM; graph replays are
@@ -39,7 +41,7 @@ from pathlib import Path
 import et_int4
 import torch
 import torch.nn.functional as F
-from et_int4.backends.cuda.int4.packing import TILE_ROWS
+from et_int4.backends.cuda.int4.packing import TILE_ROWS, symmetric_zero
 
 SHAPES = ["4096x4096", "4096x14336", "14336x4096", "5376x21504", "21504x5376"]  # K x N
 ROTATION_BYTES = 256 << 20  # several times the H100's 50 MB L2
@@ -154,13 +156,14 @@ def bench_shape(k: int, n: int, group_size: int, ms: list[int], max_m: int, band
     gen = torch.Generator(device="cuda").manual_seed(k * n + group_size)
     groups = k // group_size
     tiles = n // TILE_ROWS
-    zero_columns = {"group": groups * TILE_ROWS, "row": TILE_ROWS}
+    zero_columns = {"group": groups * TILE_ROWS, "row": TILE_ROWS, "symmetric": 1}
     int4_bytes = {z: n * k // 2 + n * groups * 2 + tiles * zero_columns[z] for z in zero_points}
     # Random bytes in the tiled layout's shapes (the layout is a permutation: timing is the same).
     weights = {z: [
         (torch.randint(0, 256, (tiles, k * 16), dtype=torch.uint8, device="cuda", generator=gen),
          (torch.rand(tiles, groups * TILE_ROWS, device="cuda", generator=gen) * 0.02).to(torch.bfloat16),
-         torch.randint(0, 16, (tiles, zero_columns[z]), dtype=torch.int8, device="cuda", generator=gen))
+         torch.randint(0, 16, (tiles, zero_columns[z]), dtype=torch.int8, device="cuda", generator=gen)
+         if z != "symmetric" else symmetric_zero(n, "cuda"))
         for _ in range(copies_for(int4_bytes[z]))
     ] for z in zero_points}
     if baselines:
@@ -238,8 +241,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="K x N, e.g. 4096x14336")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[32, 128])
-    parser.add_argument("--zero-points", nargs="+", choices=["group", "row"], default=["group", "row"],
-                        help="et_int4 weights with a zero point per group and/or one per row")
+    parser.add_argument("--zero-points", nargs="+", choices=["group", "row", "symmetric"],
+                        default=["group", "row", "symmetric"],
+                        help="et_int4 weights with a zero point per group, one per row, and/or symmetric ones")
     parser.add_argument("--max-m", type=int, default=et_int4.SHIM_GEMM_MAX_M)
     parser.add_argument("--m", type=int, nargs="+", help="row counts (default 1..max-m)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",

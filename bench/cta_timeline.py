@@ -128,7 +128,7 @@ PHASES = {  # column: (kernel, field, statistic over the call's CTAs)
 }
 
 
-def run(k: int, n: int, group_size: int, ms: list[int], row_zeros: bool, copies: int, replays: int) -> None:
+def run(k: int, n: int, group_size: int, ms: list[int], zeros: str, copies: int, replays: int) -> None:
     import et_int4
     import numpy as np
     import torch
@@ -149,9 +149,9 @@ def run(k: int, n: int, group_size: int, ms: list[int], row_zeros: bool, copies:
         return buf[:count].copy()
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = [random_weights(k, n, group_size, row_zeros, gen) for _ in range(copies)]
+    weights = [random_weights(k, n, group_size, zeros, gen) for _ in range(copies)]
     op = torch.ops.et_int4.et_int4_plain_mm
-    print(f"{torch.cuda.get_device_name()}, {k} x {n}, gs {group_size}, {'row' if row_zeros else 'group'} zeros: "
+    print(f"{torch.cuda.get_device_name()}, {k} x {n}, gs {group_size}, {zeros} zeros: "
           f"medians over the calls of {replays} replays of {copies}, us from the end of the GEMM ahead")
     print("| M | calls | " + " | ".join(PHASES) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in PHASES) + " |")
@@ -195,7 +195,7 @@ def main() -> None:
     timeline.add_argument("n", type=int)
     timeline.add_argument("group_size", type=int)
     timeline.add_argument("m", type=int, nargs="+")
-    timeline.add_argument("--zeros", choices=("group", "row"), default="row")
+    timeline.add_argument("--zeros", choices=("group", "row", "symmetric"), default="row")
     timeline.add_argument("--copies", type=int, default=24, help="calls per graph, one per weight copy")
     timeline.add_argument("--replays", type=int, default=3)
     args = parser.parse_args()
@@ -203,7 +203,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         print(instrument(args.out, args.defines))
     else:
-        run(args.k, args.n, args.group_size, args.m, args.zeros == "row", args.copies, args.replays)
+        run(args.k, args.n, args.group_size, args.m, args.zeros, args.copies, args.replays)
 
 
 if __name__ == "__main__":

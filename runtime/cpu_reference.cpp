@@ -28,7 +28,7 @@ uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
 }  // namespace
 
 void plain_mm(const uint16_t* x, const uint8_t* qdata, const uint16_t* scale, const int8_t* zero,
-              uint16_t* out, int64_t m, int64_t n, int64_t k, int64_t group_size, bool row_zeros) {
+              uint16_t* out, int64_t m, int64_t n, int64_t k, int64_t group_size, ZeroPoints zero_points) {
   const int64_t blocks = k / kBlockK, groups = k / group_size, blocks_per_group = group_size / kBlockK;
   std::vector<int8_t> q(m * k);
   std::vector<float> d(m * blocks);
@@ -67,7 +67,11 @@ void plain_mm(const uint16_t* x, const uint8_t* qdata, const uint16_t* scale, co
     }
     for (int64_t grp = 0; grp < groups; ++grp) {
       s[grp] = bf16_to_float(scale[tile * tile_groups + grp * kTileRows + 4 * g + i]);
-      z[grp] = zero[tile * (row_zeros ? kTileRows : tile_groups) + (row_zeros ? 0 : grp * kTileRows) + 4 * g + i];
+      switch (zero_points) {
+        case ZeroPoints::kPerGroup: z[grp] = zero[tile * tile_groups + grp * kTileRows + 4 * g + i]; break;
+        case ZeroPoints::kPerRow: z[grp] = zero[tile * kTileRows + 4 * g + i]; break;
+        case ZeroPoints::kSymmetric: z[grp] = zero[tile]; break;  // kSymmetricZero, checked by the caller
+      }
     }
     for (int64_t col = 0; col < m; ++col) {
       float y = 0.f;

@@ -109,7 +109,7 @@ AOTITorchError inspect(AtenTensorHandle t, const char* name, int32_t dtype_a, in
 struct Problem {
   TensorInfo x, qdata, scale, zero;
   int64_t m = 0, n = 0, k = 0;
-  bool row_zeros = false;  // zero is [N/32, 32]: one zero point per row
+  et_int4::ZeroPoints zero_points = et_int4::ZeroPoints::kPerGroup;  // told apart by zero's shape
 };
 
 AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTensorHandle scale,
@@ -180,11 +180,14 @@ AOTITorchError validate(AtenTensorHandle self, AtenTensorHandle qdata, AtenTenso
                                       "([N/32, 16*K], tiled, for K from self)")) return e;
   if (AOTITorchError e = expect_shape(p.scale, "scale", tiles, groups * et_int4::kTileRows,
                                       "([N/32, 32*K/group_size], tiled)")) return e;
-  p.row_zeros = p.zero.sizes[0] == tiles && p.zero.sizes[1] == et_int4::kTileRows;
-  if (!p.row_zeros) {
-    if (AOTITorchError e = expect_shape(p.zero, "zero", tiles, groups * et_int4::kTileRows,
-                                        "([N/32, 32*K/group_size], tiled; or [N/32, 32], one zero point per row)"))
-      return e;
+  if (p.zero.sizes[0] == tiles && p.zero.sizes[1] == et_int4::kTileRows) {
+    p.zero_points = et_int4::ZeroPoints::kPerRow;
+  } else if (p.zero.sizes[0] == tiles && p.zero.sizes[1] == 1) {
+    p.zero_points = et_int4::ZeroPoints::kSymmetric;
+  } else if (AOTITorchError e = expect_shape(p.zero, "zero", tiles, groups * et_int4::kTileRows,
+                                             "([N/32, 32*K/group_size], tiled; or [N/32, 32], one zero point "
+                                             "per row; or [N/32, 1], symmetric)")) {
+    return e;
   }
   if (p.n > INT32_MAX || p.k > INT32_MAX) {
     return fail("expected N and K below 2^31, got N = " + std::to_string(p.n) + ", K = " + std::to_string(p.k));
@@ -220,9 +223,19 @@ ET_INT4_API AOTITorchError aoti_torch_cpu_et_int4_plain_mm(
   if (AOTITorchError e = validate(self, qdata, scale, zero, group_size, max_m, ret0, cpu, "cpu", p)) return e;
   if (AOTITorchError e = new_output(p, cpu, ret0)) return e;
   if (p.m == 0) return succeed();
+  if (p.zero_points == et_int4::ZeroPoints::kSymmetric) {
+    const auto* zero = static_cast<const int8_t*>(p.zero.data);
+    for (int64_t tile = 0; tile < p.zero.sizes[0]; ++tile) {
+      if (zero[tile] != et_int4::kSymmetricZero) {
+        return fail("zero: the symmetric layout [N/32, 1] holds " + std::to_string(et_int4::kSymmetricZero) +
+                    " in every entry, got " + std::to_string(zero[tile]) + " at tile " + std::to_string(tile) +
+                    "; re-export the program (pack_int4 writes it)");
+      }
+    }
+  }
   et_int4::cpu::plain_mm(static_cast<const uint16_t*>(p.x.data), static_cast<const uint8_t*>(p.qdata.data),
                          static_cast<const uint16_t*>(p.scale.data), static_cast<const int8_t*>(p.zero.data),
-                         static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size, p.row_zeros);
+                         static_cast<uint16_t*>(data_of(*ret0)), p.m, p.n, p.k, group_size, p.zero_points);
   return succeed();
 }
 
@@ -269,7 +282,7 @@ ET_INT4_API AOTITorchError aoti_torch_cuda_et_int4_plain_mm(
     const et_int4::cuda::PlainMmArgs args{p.x.data, static_cast<const uint8_t*>(p.qdata.data),
                                           p.scale.data, static_cast<const int8_t*>(p.zero.data),
                                           data_of(*ret0), data_of(workspace), p.m, p.n, p.k, group_size,
-                                          p.row_zeros};
+                                          p.zero_points};
     if (const char* err = et_int4::cuda::launch_plain_mm(args, stream)) {
       aoti_torch_delete_tensor_object(*ret0);
       *ret0 = nullptr;

@@ -28,7 +28,10 @@ extern "C" {
 //                                    backends/cuda/int4/int4_mm.h (N a multiple of 32)
 //   scale [N/32, 32*K/group_size]    bfloat16, tiled likewise
 //   zero  [N/32, 32*K/group_size]    int8, zero point in the +8 domain of qdata, tiled likewise;
-//         or [N/32, 32]              one zero point per row for all its groups, tiled as one group
+//         or [N/32, 32]              one zero point per row for all its groups, tiled as one group;
+//         or [N/32, 1]               symmetric weights (torchao's default): every zero point is 8, and so
+//                                    is every entry (the CUDA kernels make a tile's outputs NaN if not; the
+//                                    CPU path refuses); the scales then lie below 2^100 in magnitude
 //   group_size                       a multiple of 32 that divides K
 //   max_m                            MATVEC_MAX_M at export time: M <= max_m <= et_int4_shim_gemm_max_m()
 //   ret0                             receives a new [M, N] bfloat16 tensor owned by the caller; M = 0

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import torch
-from et_int4.backends.cuda.int4.packing import tile_weights, unpack_nibbles, untile_weights
+from et_int4.backends.cuda.int4.packing import symmetric_zero, tile_weights, unpack_nibbles, untile_weights
 from et_int4.backends.cuda.int4.reference import quantize_activation_blocks
 
 
 def random_operands(m: int, n: int, k: int, group_size: int, *, generator: torch.Generator,
-                    device: str = "cpu", row_zeros: bool = False):
-    """Random packed weights with asymmetric zeros (one per group, or one per row), activations with a
-    few large outliers: ``(x, qdata, scale, zero)`` in the op's (tiled) format."""
+                    device: str = "cpu", zeros: str = "group"):
+    """Random packed weights and activations with a few large outliers: ``(x, qdata, scale, zero)`` in
+    the op's (tiled) format. zeros: "group" (random, one per group), "row" (random, one per row) or
+    "symmetric" (8 everywhere, in its own layout)."""
     groups = k // group_size
     qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
     scale = (torch.rand(n, groups, device=device, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
-    zero = torch.randint(0, 16, (n, 1 if row_zeros else groups), dtype=torch.int8, device=device,
+    zero = torch.randint(0, 16, (n, groups if zeros == "group" else 1), dtype=torch.int8, device=device,
                          generator=generator)
     qdata, scale, zero = tile_weights(qdata, scale, zero)
+    if zeros == "symmetric":
+        zero = symmetric_zero(n, device)
     x = torch.randn(m, k, device=device, generator=generator)
     outliers = torch.rand(m, k, device=device, generator=generator) < 0.01
     x = torch.where(outliers, x * 50, x).to(torch.bfloat16)

@@ -57,23 +57,36 @@ def test_matches_reference_for_every_m(n, k, group_size):
         assert_matches_reference(out, x, qdata, scale, zero, group_size)
 
 
+@pytest.mark.parametrize("zeros,width", [("row", 32), ("symmetric", 1)])
 @pytest.mark.parametrize("n,k,group_size", [(96, 4096, 32), (4096, 5376, 32), (160, 4224, 64), (64, 4096, 128),
-                                            (32, 768, 96), (14336, 4096, 256)])
-def test_one_zero_point_per_row_matches_reference_for_every_m(n, k, group_size):
+                                            (32, 768, 96), (14336, 4096, 256), (4096, 4096, 32), (4096, 4032, 64)])
+def test_one_zero_point_per_row_and_symmetric_match_reference_for_every_m(n, k, group_size, zeros, width):
     gen = torch.Generator(device="cuda").manual_seed(n + k + group_size)
     for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
-        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda", row_zeros=True)
-        assert zero.shape == (n // 32, 32)
+        x, qdata, scale, zero = random_operands(m, n, k, group_size, generator=gen, device="cuda", zeros=zeros)
+        assert zero.shape == (n // 32, width)
         poison_next_output(m, n)
         assert_matches_reference(run_op(x, qdata, scale, zero, group_size), x, qdata, scale, zero, group_size)
 
 
+def test_symmetric_zero_other_than_8_makes_its_tile_nan():
+    # The host cannot read the zero tensor: a symmetric layout whose entry is not 8 must not give numbers.
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for m in (1, 5):
+        x, qdata, scale, zero = random_operands(m, 96, 1024, 32, generator=gen, device="cuda", zeros="symmetric")
+        zero[1] = 7
+        out = run_op(x, qdata, scale, zero, 32).cpu()
+        assert out[:, 32:64].isnan().all()
+        assert not out[:, :32].isnan().any() and not out[:, 64:].isnan().any()
+
+
+@pytest.mark.parametrize("zeros", ["group", "symmetric"])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_error_against_float64_w4a8_for_every_m(group_size):
+def test_error_against_float64_w4a8_for_every_m(group_size, zeros):
     # Activations with outlier channels; the fp32 kernel within 4e-3 of the exact W4A8 result.
     gen = torch.Generator(device="cuda").manual_seed(group_size)
     for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
-        x, qdata, scale, zero = random_operands(m, 4096, 4096, group_size, generator=gen, device="cuda")
+        x, qdata, scale, zero = random_operands(m, 4096, 4096, group_size, generator=gen, device="cuda", zeros=zeros)
         out = run_op(x, qdata, scale, zero, group_size)
         assert rel_error(out.cpu(), w4a8_float64(x, qdata, scale, zero, group_size)) <= 4e-3
 
@@ -130,12 +143,14 @@ def test_split_k_tickets_start_from_zero_in_every_call():
         assert_matches_reference(run_op(x, qdata, scale, zero, 32), x, qdata, scale, zero, 32)
 
 
+@pytest.mark.parametrize("zeros", ["group", "symmetric"])
 @pytest.mark.parametrize("n,k", [(14336, 5376), (4096, 4160), (96, 4096), (5120, 5120)])
-def test_a_row_comes_out_the_same_whatever_m_and_call(n, k):
+def test_a_row_comes_out_the_same_whatever_m_and_call(n, k, zeros):
     # EAGLE's lossless check compares a verify (M = chain_len + 1) with plain decoding (M = 1): row i
     # must not depend on the other rows, on M, or on which CTA finished a shared tile first.
     gen = torch.Generator(device="cuda").manual_seed(n + k)
-    x, qdata, scale, zero = random_operands(et_int4.SHIM_GEMM_MAX_M, n, k, 32, generator=gen, device="cuda")
+    x, qdata, scale, zero = random_operands(et_int4.SHIM_GEMM_MAX_M, n, k, 32, generator=gen, device="cuda",
+                                            zeros=zeros)
     full = run_op(x, qdata, scale, zero, 32)
     for m in range(1, et_int4.SHIM_GEMM_MAX_M + 1):
         assert torch.equal(run_op(x[m - 1:m].clone(), qdata, scale, zero, 32)[0], full[m - 1]), f"row {m - 1}"
@@ -284,11 +299,12 @@ SANITIZER_CASE = textwrap.dedent(
     # One call per kernel path: m = 1 / 8 columns, each run length, split K and not, wide, 8-warp and
     # small CTAs (4096 x 4096: wide CTAs whose warps load both their stages before the wait, 4096 x 4032
     # the same with padding columns and a quantizer warp past the end of K; 14336 x 256 and 96 x 3584:
-    # 4-warp CTAs, the second with split K).
+    # 4-warp CTAs, the second with split K), with each layout of zero points.
     for m, n, k, gs in ((3, 96, 256, 32), (8, 64, 160, 32), (1, 32, 4224, 96), (2, 4096, 4096, 64), (6, 4096, 4032, 64),
                         (1, 128, 8192, 128), (5, 14336, 256, 128), (8, 96, 3584, 32)):
-        x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda")
-        torch.ops.et_int4.et_int4_plain_mm(x, q, s, z, gs, 8)
+        for zeros in ("group", "row", "symmetric"):
+            x, q, s, z = random_operands(m, n, k, gs, generator=g, device="cuda", zeros=zeros)
+            torch.ops.et_int4.et_int4_plain_mm(x, q, s, z, gs, 8)
     torch.cuda.synchronize()
     print("sanitizer case done")
     """

@@ -48,13 +48,16 @@ def test_round_trip(tiles: int, groups: int, group_size: int, asymmetric: bool, 
     assert packed.shape == (n, k) and weight_shape(packed.qdata) == (n, k)
     assert (packed.qdata.dtype, packed.qdata.shape) == (torch.uint8, (tiles, 16 * k))
     assert (packed.scale.dtype, packed.scale.shape) == (torch.bfloat16, (tiles, 32 * groups))
-    # One zero point per row where a row has no other (symmetric: all of them), else one per group.
+    # Symmetric weights: one 8 per tile. Else one zero point per row where a row has no other, else one
+    # per group.
     per_row = bool((zero_point == zero_point[:, :1]).all())
     assert per_row or asymmetric
-    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, 32 * (1 if per_row else groups)))
+    width = 1 if not asymmetric else 32 * (1 if per_row else groups)
+    assert (packed.zero.dtype, packed.zero.shape) == (torch.int8, (tiles, width))
     # Low nibble = even k, value q + 8; zero point in the same +8 domain; then tiled.
     expected = tile_weights(_row_major_nibbles(qdata), scale, (zero_point[:, :1] if per_row else zero_point) + 8)
-    assert all(torch.equal(a, b) for a, b in zip((packed.qdata, packed.scale, packed.zero), expected))
+    assert torch.equal(packed.qdata, expected[0]) and torch.equal(packed.scale, expected[1])
+    assert torch.equal(packed.zero, expected[2] if asymmetric else torch.full((tiles, 1), 8, dtype=torch.int8))
     assert int(packed.zero.min()) >= 0 and int(packed.zero.max()) <= 15
     q, s, z = unpack_int4(packed)
     assert q.dtype == torch.int8 and z.dtype == torch.int8
@@ -147,6 +150,18 @@ def test_zero_points_per_row_are_stored_once_and_read_back_per_group() -> None:
     assert torch.equal(unpack_int4(packed)[2], zero_point)
     zero_point[5, 3] += 1 if zero_point[5, 3] < 7 else -1  # one group differs: back to one per group
     assert pack_int4(qdata, scale, zero_point).zero.shape == (2, 256)
+
+
+def test_symmetric_weights_store_one_8_per_tile_unless_a_scale_reaches_2_to_the_100() -> None:
+    qdata, scale, zero_point = _weights(64, 256, 64, asymmetric=False)
+    packed = pack_int4(qdata, scale, zero_point)
+    assert torch.equal(packed.zero, torch.full((2, 1), 8, dtype=torch.int8))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed), (qdata, scale, zero_point)))
+    # The symmetric kernels form s * 1.5 * 2^19 in fp32: such scales keep one zero point per row instead.
+    scale[37, 2] = -(2.0**100)
+    packed = pack_int4(qdata, scale, zero_point)
+    assert torch.equal(packed.zero, torch.full((2, 32), 8, dtype=torch.int8))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed), (qdata, scale, zero_point)))
 
 
 def test_packed_is_frozen() -> None:

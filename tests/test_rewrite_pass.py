@@ -68,13 +68,13 @@ def test_signature_and_packed_buffers() -> None:
     assert buffers == new.keys()
     assert new == {
         # Tiled: [N/32, 16*K] nibbles, [N/32, 32*K/group_size] scales (group_size 32); torchao's
-        # symmetric default has one zero point per row, stored once: [N/32, 32].
+        # symmetric default stores one 8 per tile: [N/32, 1].
         "up_proj.weight_et_int4_qdata": (torch.uint8, (3, 1024)),
         "up_proj.weight_et_int4_scale": (torch.bfloat16, (3, 64)),
-        "up_proj.weight_et_int4_zero": (torch.int8, (3, 32)),
+        "up_proj.weight_et_int4_zero": (torch.int8, (3, 1)),
         "down_proj.weight_et_int4_qdata": (torch.uint8, (1, 1536)),
         "down_proj.weight_et_int4_scale": (torch.bfloat16, (1, 96)),
-        "down_proj.weight_et_int4_zero": (torch.int8, (1, 32)),
+        "down_proj.weight_et_int4_zero": (torch.int8, (1, 1)),
     }
     packed = pack_torchao_weight(ep.state_dict["up_proj.weight"])
     assert torch.equal(rewritten.state_dict["up_proj.weight_et_int4_qdata"], packed.qdata)

@@ -126,14 +126,26 @@ def test_library_serves_every_m_up_to_its_limit_and_no_more():
 
 
 @requires_library
-@pytest.mark.parametrize("row_zeros", [False, True], ids=["zero-per-group", "zero-per-row"])
+@pytest.mark.parametrize("zeros", ["group", "row", "symmetric"])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 64, 256, 32), (3, 96, 4224, 96), (8, 160, 512, 256), (5, 32, 32, 32)])
-def test_cpu_entry_point_matches_python_reference(m, n, k, group_size, row_zeros):
-    operands = random_operands(m, n, k, group_size, row_zeros=row_zeros,
-                               generator=torch.Generator().manual_seed(m * n + k))
+def test_cpu_entry_point_matches_python_reference(m, n, k, group_size, zeros):
+    operands = random_operands(m, n, k, group_size, zeros=zeros, generator=torch.Generator().manual_seed(m * n + k))
     code, out, message = call_abi("cpu", list(operands), group_size, et_int4.SHIM_GEMM_MAX_M)
     assert code == 0, message
     assert_within_one_rounding(out, et_int4.w4a8_reference(*operands, group_size))
+
+
+@requires_library
+def test_symmetric_zero_other_than_8_is_refused():
+    # [N/32, 1] declares symmetric weights, whose every entry is 8: another value is no zero point it can mean.
+    gen = torch.Generator().manual_seed(5)
+    x, qdata, scale, zero = random_operands(2, 96, 256, 32, zeros="symmetric", generator=gen)
+    zero[2] = 9
+    code, out, message = call_abi("cpu", [x, qdata, scale, zero], 32, et_int4.SHIM_GEMM_MAX_M)
+    assert code != 0 and out is None
+    assert "zero: the symmetric layout [N/32, 1] holds 8 in every entry, got 9 at tile 2" in message, message
+    with pytest.raises(ValueError, match=r"zero of the symmetric layout \[N/32, 1\] must be 8 .* \[8, 9\]"):
+        et_int4.w4a8_reference(x, qdata, scale, zero, 32)
 
 
 @requires_library

@@ -1,7 +1,8 @@
 // W4A8 weight-stationary GEMM for M = 1..16 activation rows on int8 tensor cores.
 //
 // y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u[n, b], q[m, b]) - z[n, g] * sum(q[m, b]))
-// over 32-element blocks b (the numerics are specified in reference.py).
+// over 32-element blocks b (the numerics are specified in reference.py). Symmetric weights (z = 8)
+// take the block sums with no zero-point term and scale each as d * (s * S) (accumulate_stage).
 //
 // Two kernels, chained with programmatic dependent launch: the quantizer lets the GEMM launch before
 // it waits for the kernel ahead of it, so the GEMM is resident and streams its first weights while
@@ -247,7 +248,7 @@ __device__ __forceinline__ unsigned take_ticket(unsigned* counter) {
 struct GemmParams {
   const uint4* qdata;     // [tiles][blocks][32 lanes] x 16 bytes
   const uint2* scale;     // [tiles][groups][8 quads] x 4 bf16: rows g, g+8, g+16, g+24
-  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows; or [tiles][8 quads]
+  const uint32_t* zero;   // [tiles][groups][8 quads] x 4 int8, the same rows; or [tiles][8 quads]; or [tiles] int8
   const BlockMeta* meta;  // [blocks][Cols::kStored]
   const int8_t* xq;       // [blocks][Cols::kStored][32]
   __nv_bfloat16* out;     // [m][n]
@@ -289,7 +290,7 @@ struct WeightCursor {
 // Loads the stage `ahead` strides past the cursor's; valid = blocks of it inside the warp's share
 // (only the last stage has fewer than kStageBlocks: it loads its last block again in their place,
 // no branch keeps the loads of a stage from being issued together).
-template <int kWarps, int kGroupBlocks, bool kExactGroups, bool kRowZeros, int kAhead>
+template <int kWarps, int kGroupBlocks, bool kExactGroups, ZeroPoints kZeros, int kAhead>
 __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, const WeightCursor& c,
                                                           const uint2* ws, const uint32_t* wz,
                                                           int first, int valid) {
@@ -307,11 +308,11 @@ __device__ __forceinline__ Stage<kGroupBlocks> load_stage(const GemmParams& p, c
       if constexpr (kExactGroups) {
         const int run = block(r * kGroupBlocks) / kGroupBlocks;
         st.s[r] = __ldg(c.s + kAhead * kGroupStride + run * 8);
-        if constexpr (!kRowZeros) st.z[r] = __ldg(c.z + kAhead * kGroupStride + run * 8);
+        if constexpr (kZeros == ZeroPoints::kPerGroup) st.z[r] = __ldg(c.z + kAhead * kGroupStride + run * 8);
       } else {
         const int group = group_of(p, first + kAhead * kStride + block(r * kGroupBlocks));
         st.s[r] = __ldg(ws + group * 8);
-        if constexpr (!kRowZeros) st.z[r] = __ldg(wz + group * 8);
+        if constexpr (kZeros == ZeroPoints::kPerGroup) st.z[r] = __ldg(wz + group * 8);
       }
     }
   };
@@ -379,14 +380,14 @@ __device__ __forceinline__ int sign_extended_byte(uint32_t v, int i) {
   return out;
 }
 
-// d = a * b + kMagicBits (one FADD of kMagic then gives each integer's float), a: 16 x 32 weights
-// (u in [0, 15]), b: 32 x 8 activations.
-__device__ __forceinline__ void mma_s8(const uint32_t (&a)[4], const uint2& b, int (&d)[4]) {
+// d = a * b + c (c: a magic float's bits, whose FADD or FFMA then gives each integer's float), a: 16 x 32
+// weights, b: 32 x 8 activations.
+__device__ __forceinline__ void mma_s8(const uint32_t (&a)[4], const uint2& b, int c, int (&d)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%10, %10, %10, %10};"
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(kMagicBits));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(c));
 }
 
 // fn(half, h, ct, e) for each of a lane's accumulators, in slot order (see slot_position).
@@ -402,17 +403,47 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
         for (int e = 0; e < E; ++e) fn(half, h, ct, e);
 }
 
-// zeros(r): the zero points of run r (the lane's four rows, one byte each).
-template <int kCols, int kGroupBlocks, typename Zeros>
+// Symmetric weights: (u ^ 8) << 4 as an int8 is 16 (u - 8), so the mma gives 16 S, S = dot(u - 8, q), with
+// no zero-point term; magic bits of ULP 1/16 (1.5 * 2^19; |16 S| < 2^20) turn 16 S into the float S.
+constexpr int kMagicSymBits = 0x49400000;
+constexpr float kMagicSym = 786432.f;
+
+// A fragment byte per nibble of `word` at `shift` (0: low nibbles, 4: high), as the mma's int8 operand:
+// u itself, or for symmetric weights 16 (u - 8), in one LOP3 (the compiler's code takes two).
+template <bool kSymmetric, int kShift>
+__device__ __forceinline__ uint32_t nibble_bytes(uint32_t word) {
+  uint32_t out;
+  if constexpr (kSymmetric) {
+    asm("lop3.b32 %0, %1, 0xf0f0f0f0, 0x80808080, 0x6a;" : "=r"(out) : "r"(word << (4 - kShift)));  // (a & b) ^ c
+  } else {
+    out = (word >> kShift) & 0x0f0f0f0fu;
+  }
+  return out;
+}
+
+// zeros(r): the zero points of run r (the lane's four rows, one byte each); unused for symmetric weights.
+template <int kCols, int kGroupBlocks, bool kSymmetric, typename Zeros>
 __device__ __forceinline__ void accumulate_stage(
     const Stage<kGroupBlocks>& st, Zeros&& zeros, const Acts<kCols>& a, int valid,
     float (&acc)[2][2][Cols<kCols>::kTiles][Cols<kCols>::kPerTile]) {
   constexpr int CT = Cols<kCols>::kTiles, E = Cols<kCols>::kPerTile;
 #pragma unroll
   for (int r = 0; r < Stage<kGroupBlocks>::kRuns; ++r) {
-    int zero[2][2];
+    int zero[2][2] = {};
+    if constexpr (!kSymmetric) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros(r), i);
+      for (int i = 0; i < 4; ++i) zero[i / 2][i % 2] = sign_extended_byte(zeros(r), i);
+    }
+    const uint2 s = st.s[r];
+    const float scale[2][2] = {{__uint_as_float(s.x << 16), __uint_as_float(s.x & 0xffff0000u)},
+                               {__uint_as_float(s.y << 16), __uint_as_float(s.y & 0xffff0000u)}};
+    // Symmetric: s * S exactly, as fmaf(s, magic + S, -s * magic) (s is a bf16 and |S| < 2^16, so s * S
+    // fits fp32's 24 bits; s * kMagicSym is finite for |s| < 2^108, pack_int4 keeps |s| < 2^100).
+    float neg_s_magic[2][2] = {};
+    if constexpr (kSymmetric) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) neg_s_magic[i / 2][i % 2] = -kMagicSym * scale[i / 2][i % 2];
+    }
     float run[2][2][CT][E];
 #pragma unroll
     for (int jj = 0; jj < kGroupBlocks; ++jj) {
@@ -421,8 +452,10 @@ __device__ __forceinline__ void accumulate_stage(
       // Lane words: rows g, g+8 (first m16 half), g+16, g+24 (second); low nibbles are the
       // even elements of the lane's 8-element run, high nibbles the odd ones.
       const uint32_t frag[2][4] = {
-          {w.x & 0x0f0f0f0fu, w.y & 0x0f0f0f0fu, (w.x >> 4) & 0x0f0f0f0fu, (w.y >> 4) & 0x0f0f0f0fu},
-          {w.z & 0x0f0f0f0fu, w.w & 0x0f0f0f0fu, (w.z >> 4) & 0x0f0f0f0fu, (w.w >> 4) & 0x0f0f0f0fu}};
+          {nibble_bytes<kSymmetric, 0>(w.x), nibble_bytes<kSymmetric, 0>(w.y), nibble_bytes<kSymmetric, 4>(w.x),
+           nibble_bytes<kSymmetric, 4>(w.y)},
+          {nibble_bytes<kSymmetric, 0>(w.z), nibble_bytes<kSymmetric, 0>(w.w), nibble_bytes<kSymmetric, 4>(w.z),
+           nibble_bytes<kSymmetric, 4>(w.w)}};
 #pragma unroll
       for (int ct = 0; ct < CT; ++ct) {
         const auto mm = a.meta[j][ct];
@@ -434,24 +467,29 @@ __device__ __forceinline__ void accumulate_stage(
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           int dot[4];
-          mma_s8(frag[half], a.b[j][ct], dot);
+          mma_s8(frag[half], a.b[j][ct], kSymmetric ? kMagicSymBits : kMagicBits, dot);
 #pragma unroll
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int e = 0; e < E; ++e) {
-              // dot - z * sum(q), exact, then its float: one IMAD and one FADD.
-              const float f = __int_as_float(dot[2 * h + e] + zero[half][h] * neg_sum[e]) - kMagic;
-              run[half][h][ct][e] = jj == 0 ? d[e] * f : fmaf(d[e], f, run[half][h][ct][e]);
+              if constexpr (kSymmetric) {
+                // Two FFMAs an output in place of four instructions: 3-5% faster on 4096 x 4096 at every M,
+                // and t(8) / t(1) 0.01-0.02 lower there (bench/RESULTS.md, 2026-11-28).
+                const float s_sum = fmaf(scale[half][h], __int_as_float(dot[2 * h + e]), neg_s_magic[half][h]);
+                acc[half][h][ct][e] = fmaf(d[e], s_sum, acc[half][h][ct][e]);
+              } else {
+                // dot - z * sum(q), exact, then its float: one IMAD and one FADD.
+                const float f = __int_as_float(dot[2 * h + e] + zero[half][h] * neg_sum[e]) - kMagic;
+                run[half][h][ct][e] = jj == 0 ? d[e] * f : fmaf(d[e], f, run[half][h][ct][e]);
+              }
             }
         }
       }
     }
-    const uint2 s = st.s[r];
-    const float scale[2][2] = {{__uint_as_float(s.x << 16), __uint_as_float(s.x & 0xffff0000u)},
-                               {__uint_as_float(s.y << 16), __uint_as_float(s.y & 0xffff0000u)}};
-    for_each_acc<CT, E>([&](int half, int h, int ct, int e) {
-      acc[half][h][ct][e] = fmaf(scale[half][h], run[half][h][ct][e], acc[half][h][ct][e]);
-    });
+    if constexpr (!kSymmetric)
+      for_each_acc<CT, E>([&](int half, int h, int ct, int e) {
+        acc[half][h][ct][e] = fmaf(scale[half][h], run[half][h][ct][e], acc[half][h][ct][e]);
+      });
   }
 }
 
@@ -470,10 +508,11 @@ constexpr int ctas_per_sm(int warps, int cols) {
 }
 
 // kMaxShared: a kernel of its own, whose launches prefer the largest shared-memory carveout (Plan::max_shared).
-template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, bool kRowZeros, bool kMaxShared>
+template <int kWarps, int kCols, int kGroupBlocks, bool kExactGroups, ZeroPoints kZeros, bool kMaxShared>
 __global__ void __launch_bounds__(kWarps * 32, ctas_per_sm(kWarps, kCols))
 w4a8_gemm(const GemmParams p) {
   using C = Cols<kCols>;
+  constexpr bool kRowZeros = kZeros == ZeroPoints::kPerRow, kSymmetric = kZeros == ZeroPoints::kSymmetric;
   constexpr int CT = C::kTiles, E = C::kPerTile, kAcc = C::kAcc;
   static_assert(kStageBlocks % kGroupBlocks == 0, "a stage holds whole runs");
   __shared__ float reduced[kWarps][kAcc][32];
@@ -487,8 +526,15 @@ w4a8_gemm(const GemmParams p) {
   int first = begin + warp * kStageBlocks;
   const uint2* ws = p.scale + static_cast<int64_t>(tile) * p.groups * 8 + g;
   const uint32_t* wz = p.zero + static_cast<int64_t>(tile) * (kRowZeros ? 1 : p.groups) * 8 + g;
-  // One zero point per row (a symmetric quantization): loaded once, not per group.
+  // One zero point per row: loaded once, not per group.
   const uint32_t row_zero = kRowZeros ? __ldg(wz) : 0u;
+  // Symmetric weights: the tile's one zero byte must be 8 (the layout's contract, which the host cannot
+  // check without reading device memory); any other value makes the tile's outputs NaN, not wrong numbers.
+  const bool zeros_as_declared =
+      !kSymmetric || __ldg(reinterpret_cast<const signed char*>(p.zero) + tile) == kSymmetricZero;
+  auto output = [&](float sum) {
+    return __float2bfloat16_rn(zeros_as_declared ? sum : __int_as_float(0x7fffffff));
+  };
   const int first_group = kExactGroups ? first / kGroupBlocks : 0;
   WeightCursor c{p.qdata + (static_cast<int64_t>(tile) * p.blocks + first) * 32 + lane, ws + first_group * 8,
                  wz + first_group * 8};
@@ -511,12 +557,12 @@ w4a8_gemm(const GemmParams p) {
     const int valid = end - first;
     if constexpr (kPrefetch) {
       if (valid > kStride && !nxt_loaded)
-        nxt = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, valid - kStride);
+        nxt = load_stage<kWarps, kGroupBlocks, kExactGroups, kZeros, 1>(p, c, ws, wz, first, valid - kStride);
     } else {
-      cur = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, valid);
+      cur = load_stage<kWarps, kGroupBlocks, kExactGroups, kZeros, 0>(p, c, ws, wz, first, valid);
     }
-    accumulate_stage<kCols, kGroupBlocks>(cur, [&](int r) { return kRowZeros ? row_zero : cur.z[r]; },
-                                          load_acts<kCols>(x, mt, valid), valid, acc);
+    accumulate_stage<kCols, kGroupBlocks, kSymmetric>(cur, [&](int r) { return kRowZeros ? row_zero : cur.z[r]; },
+                                                      load_acts<kCols>(x, mt, valid), valid, acc);
     first += kStride;
     c.q += kStride * 32;
     c.s += kStride / kGroupBlocks * 8;
@@ -532,13 +578,13 @@ w4a8_gemm(const GemmParams p) {
   // load for both cases compiled the long-K wide kernels 0.5-0.8 us slower (14336 x 4096).
   Stage<kGroupBlocks> even, odd;
   if (kPrefetch && first < end)
-    even = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 0>(p, c, ws, wz, first, end - first);
+    even = load_stage<kWarps, kGroupBlocks, kExactGroups, kZeros, 0>(p, c, ws, wz, first, end - first);
   const bool both_early = kPrefetch && kWarps == kWideWarps && end - first > kStride && end - first <= 2 * kStride;
   if (both_early)
-    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
+    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kZeros, 1>(p, c, ws, wz, first, end - first - kStride);
   bool odd_loaded = false;
   if (kPrefetch && !both_early && end - first > kStride) {
-    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kRowZeros, 1>(p, c, ws, wz, first, end - first - kStride);
+    odd = load_stage<kWarps, kGroupBlocks, kExactGroups, kZeros, 1>(p, c, ws, wz, first, end - first - kStride);
     odd_loaded = true;
   }
   wait_for_prerequisites();  // weights never depend on the kernel before us; activations do
@@ -570,7 +616,7 @@ w4a8_gemm(const GemmParams p) {
     if (p.splits > 1) {
       mine[i] = sum;
     } else if (col < p.m) {
-      p.out[static_cast<int64_t>(col) * p.n + row] = __float2bfloat16_rn(sum);
+      p.out[static_cast<int64_t>(col) * p.n + row] = output(sum);
     }
   }
   if (p.splits == 1) return;
@@ -587,7 +633,7 @@ w4a8_gemm(const GemmParams p) {
     float sum = 0.f;
     for (int s = 0; s < p.splits; ++s)
       sum += __ldcg(p.partial + (static_cast<int64_t>(s) * p.tiles + tile) * (kAcc * 32) + i);
-    p.out[static_cast<int64_t>(col) * p.n + row] = __float2bfloat16_rn(sum);
+    p.out[static_cast<int64_t>(col) * p.n + row] = output(sum);
   }
 }
 
@@ -742,40 +788,44 @@ cudaError_t launch(int64_t grid, int block, const Launch& l, Args... args) {
   return launch_chained(kKernel, grid, block, l.stream, l.pdl, args...);
 }
 
-template <int kWarps, int kCols, int kGroupBlocks, bool kRowZeros, bool kMaxShared = false>
+template <int kWarps, int kCols, int kGroupBlocks, ZeroPoints kZeros, bool kMaxShared = false>
 cudaError_t launch_gemm(const GemmParams& p, const Launch& l) {
   const int64_t grid = static_cast<int64_t>(p.tiles) * p.splits;
   return p.blocks_per_group == kGroupBlocks
-             ? launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, true, kRowZeros, kMaxShared>, kMaxShared>(
+             ? launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, true, kZeros, kMaxShared>, kMaxShared>(
                    grid, kWarps * 32, l, p)
-             : launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, false, kRowZeros, kMaxShared>, kMaxShared>(
+             : launch<w4a8_gemm<kWarps, kCols, kGroupBlocks, false, kZeros, kMaxShared>, kMaxShared>(
                    grid, kWarps * 32, l, p);
 }
 
-template <int kCols, int kGroupBlocks, bool kRowZeros>
+template <int kCols, int kGroupBlocks, ZeroPoints kZeros>
 cudaError_t dispatch_warps(const GemmParams& p, const Launch& l) {
   if constexpr (kWideCtas) {
     if (l.warps == kWideWarps)
-      return l.max_shared ? launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros, true>(p, l)
-                          : launch_gemm<kWideWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+      return l.max_shared ? launch_gemm<kWideWarps, kCols, kGroupBlocks, kZeros, true>(p, l)
+                          : launch_gemm<kWideWarps, kCols, kGroupBlocks, kZeros>(p, l);
   }
   if constexpr (kSmallCtas) {
-    if (l.warps == kSmallWarps) return launch_gemm<kSmallWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+    if (l.warps == kSmallWarps) return launch_gemm<kSmallWarps, kCols, kGroupBlocks, kZeros>(p, l);
   }
-  return launch_gemm<kCtaWarps, kCols, kGroupBlocks, kRowZeros>(p, l);
+  return launch_gemm<kCtaWarps, kCols, kGroupBlocks, kZeros>(p, l);
 }
 
 template <int kCols, int kGroupBlocks>
-cudaError_t dispatch_zeros(const GemmParams& p, bool row_zeros, const Launch& l) {
-  return row_zeros ? dispatch_warps<kCols, kGroupBlocks, true>(p, l) : dispatch_warps<kCols, kGroupBlocks, false>(p, l);
+cudaError_t dispatch_zeros(const GemmParams& p, ZeroPoints zeros, const Launch& l) {
+  switch (zeros) {
+    case ZeroPoints::kPerRow: return dispatch_warps<kCols, kGroupBlocks, ZeroPoints::kPerRow>(p, l);
+    case ZeroPoints::kSymmetric: return dispatch_warps<kCols, kGroupBlocks, ZeroPoints::kSymmetric>(p, l);
+    default: return dispatch_warps<kCols, kGroupBlocks, ZeroPoints::kPerGroup>(p, l);
+  }
 }
 
 template <int kCols>
-cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, bool row_zeros, const Launch& l) {
+cudaError_t dispatch_groups(const GemmParams& p, int group_blocks, ZeroPoints zeros, const Launch& l) {
   if constexpr (kStageBlocks % 4 == 0) {
-    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, row_zeros, l);
+    if (group_blocks == 4) return dispatch_zeros<kCols, 4>(p, zeros, l);
   }
-  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, row_zeros, l) : dispatch_zeros<kCols, 1>(p, row_zeros, l);
+  return group_blocks == 2 ? dispatch_zeros<kCols, 2>(p, zeros, l) : dispatch_zeros<kCols, 1>(p, zeros, l);
 }
 
 }  // namespace
@@ -826,11 +876,11 @@ const char* launch_plain_mm(const PlainMmArgs& a, void* stream_ptr) {
                      static_cast<int>(pl.split_blocks)};
   const int run = run_blocks(a.group_size);
   switch (pl.cols) {
-    case kLaneCols: err = dispatch_groups<kLaneCols>(p, run, a.row_zeros, l); break;
+    case kLaneCols: err = dispatch_groups<kLaneCols>(p, run, a.zero_points, l); break;
 #if ET_INT4_SHIM_GEMM_MAX_M > 8  // a second column tile only where the build allows m > 8
-    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.row_zeros, l); break;
+    case 2 * kColTile: err = dispatch_groups<2 * kColTile>(p, run, a.zero_points, l); break;
 #endif
-    default: err = dispatch_groups<kColTile>(p, run, a.row_zeros, l); break;
+    default: err = dispatch_groups<kColTile>(p, run, a.zero_points, l); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -12,11 +12,14 @@ namespace et_int4 {
 //         k = 8t .. 8t+7 of the block (low nibble first, u = q + 8);
 //   scale [N / kTileRows, K / group_size * 32] bf16 and zero (int8, +8 domain) likewise: per tile and
 //         group, the values of rows g, g+8, g+16, g+24 at 4g .. 4g+3;
-//   or zero [N / kTileRows, 32]: one zero point per row for all its groups (a symmetric quantization,
-//         torchao's default, has 8 everywhere), the same tiling with one group.
+//   or zero [N / kTileRows, 32]: one zero point per row for all its groups, the same tiling with one group;
+//   or zero [N / kTileRows, 1]: symmetric weights (torchao's default), every zero point 8; each entry is 8.
 inline constexpr int kBlockK = 32;    // activation block: elements per scale d, one mma k step
 inline constexpr int kTileRows = 32;  // weight rows per tile: two m16 mma tiles
 inline constexpr int kTileBlockBytes = kTileRows * kBlockK / 2;
+// What `zero` holds (the layout above), told apart by its shape.
+enum class ZeroPoints { kPerGroup, kPerRow, kSymmetric };
+inline constexpr int kSymmetricZero = 8;  // every zero point of symmetric weights, in the +8 domain
 
 }  // namespace et_int4
 
@@ -26,11 +29,11 @@ struct PlainMmArgs {
   const void* x;          // bf16 [m, k], row-major
   const uint8_t* qdata;   // tiled nibbles (above), 16-byte aligned
   const void* scale;      // tiled bf16, 8-byte aligned
-  const int8_t* zero;     // tiled int8, 4-byte aligned: per group, or per row when row_zeros
+  const int8_t* zero;     // tiled int8, 4-byte aligned, as zero_points says
   void* out;              // bf16 [m, n]
   void* workspace;        // workspace_bytes(m, n, k) bytes, 16-byte aligned
   int64_t m, n, k, group_size;
-  bool row_zeros;         // zero holds one zero point per row: [N / 32, 32]
+  ZeroPoints zero_points;
 };
 
 // Bytes of device memory one call needs: quantized activations and split-K partial sums.

@@ -9,12 +9,14 @@ of ``TILE_ROWS`` = 32 and k in blocks of ``ACTIVATION_BLOCK`` = 32. For each til
 ``l = 4g + t`` of a warp loads 16 bytes: the 32-bit words (8 nibbles, k = 8t .. 8t+7 of the block)
 of rows g, g+8, g+16 and g+24, which are exactly its mma A fragments: no shuffle at run time.
 Scales and zero points follow per tile and group: rows g, g+8, g+16, g+24 at positions 4g .. 4g+3.
-Where every row has one zero point for all its groups (a symmetric quantization, torchao's default:
-8 everywhere), zero holds just that one, tiled as a single group: the kernels then load it once
-instead of once per group (about a tenth of their time at group size 32).
+Where every row has one zero point for all its groups, zero holds just that one, tiled as a single
+group: the kernels then load it once instead of once per group (about a tenth of their time at group
+size 32). Symmetric weights (torchao's default: every zero point 0, i.e. 8 in the +8 domain) store
+one 8 per tile: the kernels then compute with no zero-point term at all (3-5% faster on 4096 x 4096,
+bench/RESULTS.md).
 
     qdata [N/32, K/32 * 512] uint8     scale [N/32, K/group_size * 32] bf16
-    zero  [N/32, K/group_size * 32] int8 (per group), or [N/32, 32] (one per row)
+    zero  [N/32, K/group_size * 32] int8 (per group), [N/32, 32] (one per row) or [N/32, 1] (symmetric)
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ __all__ = [
     "TILE_ROWS",
     "PackedInt4",
     "check_group_size",
+    "is_symmetric",
     "pack_int4",
     "pack_torchao_weight",
+    "symmetric_zero",
     "tile_weights",
     "unpack_int4",
     "unpack_nibbles",
@@ -40,7 +44,9 @@ __all__ = [
 
 _aten = torch.ops.aten
 INT4_MIN, INT4_MAX = -8, 7
-_OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
+_OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]; also the symmetric zero point
+# Scales of the symmetric layout stay below this in magnitude: its kernels form s * 1.5 * 2^19 in fp32.
+_SYMMETRIC_MAX_SCALE = 2.0**100
 # The kernels quantize activations in blocks of 32 (C++: kBlockK) and need whole blocks per group.
 ACTIVATION_BLOCK = 32
 TILE_ROWS = 32  # weight rows per tile: N must be a multiple
@@ -58,7 +64,8 @@ class PackedInt4:
         qdata: uint8 [N/32, 16*K], u = q + 8, tiled (see the module docstring).
         scale: bfloat16 [N/32, 32*K/group_size], tiled.
         zero: int8 [N/32, 32*K/group_size], zero point + 8, in [0, 15], tiled; or [N/32, 32] where
-            each row has one zero point for all its groups.
+            each row has one zero point for all its groups; or [N/32, 1], 8 in every entry, for
+            symmetric weights (see the module docstring).
         group_size: columns per scale/zero group, a multiple of 32 that divides K.
     """
 
@@ -144,10 +151,22 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     _check_range("zero_point", zero_point, INT4_MIN, INT4_MAX)
     u = (qdata.to(torch.int16) + _OFFSET).to(torch.uint8)
     rows = u[:, 0::2] | (u[:, 1::2] << 4)
+    symmetric = not bool(zero_point.any()) and bool((scale.float().abs() < _SYMMETRIC_MAX_SCALE).all())
     if bool((zero_point == zero_point[:, :1]).all()):
         zero_point = zero_point[:, :1]  # one per row: the kernels read it once, not per group
-    tiled = tile_weights(rows, scale, zero_point + _OFFSET)
-    return PackedInt4(*tiled, group_size=group_size)
+    tiled_q, tiled_s, tiled_z = tile_weights(rows, scale, zero_point + _OFFSET)
+    return PackedInt4(tiled_q, tiled_s, symmetric_zero(n, qdata.device) if symmetric else tiled_z,
+                      group_size=group_size)
+
+
+def symmetric_zero(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The zero tensor of symmetric weights with N rows: int8 [N/32, 1], 8 in every entry."""
+    return torch.full((n // TILE_ROWS, 1), _OFFSET, dtype=torch.int8, device=device)
+
+
+def is_symmetric(zero: torch.Tensor) -> bool:
+    """Whether a tiled zero tensor declares symmetric weights (by its shape, as the kernels tell)."""
+    return zero.dim() == 2 and zero.shape[1] == 1
 
 
 def tile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
@@ -183,14 +202,15 @@ def _untile_groups(t: torch.Tensor) -> torch.Tensor:
 def untile_weights(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact inverse of :func:`tile_weights`: row-major nibbles [N, K/2] (qdata's dtype), scale
-    [N, G] and zero [N, G] (or [N, 1] where it was given one per row)."""
+    [N, G] and zero [N, G] (or [N, 1] where it was given one per row, or symmetric weights' [N/32, 1])."""
     n, k = weight_shape(qdata)
     blocks = k // ACTIVATION_BLOCK
     # Bytes, not 32-bit words: reshapes and permutes of one byte dtype are plain ops for every
     # compiler the pass's graph meets (a dtype view is not), and reshape takes any strides.
     tiled = qdata.reshape(-1, blocks, _QUADS, _WORDS, _WORDS, _WORD_BYTES)
     rows = tiled.permute(0, 4, 2, 1, 3, 5).reshape(n, k // 2)
-    return rows, _untile_groups(scale), _untile_groups(zero)
+    zero = zero.expand(-1, TILE_ROWS).reshape(n, 1) if is_symmetric(zero) else _untile_groups(zero)
+    return rows, _untile_groups(scale), zero
 
 
 def unpack_nibbles(qdata: torch.Tensor) -> torch.Tensor:

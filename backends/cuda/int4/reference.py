@@ -7,7 +7,9 @@ and CUDA kernels match (up to fp32 summation order).
     q[m, k] = round(x[m, k] / d[m, b])              round half to even, 0 where d is 0 or NaN, int8
     y[m, n] = sum_g s[n, g] * sum_{b in g} d[m, b] * (dot(u_b, q_b) - z[n, g] * sum(q_b))
 
-Block dot products are exact integers; everything else is fp32; the output is bfloat16.
+Block dot products are exact integers; everything else is fp32; the output is bfloat16. The CUDA
+kernels scale a block of symmetric weights (every z = 8) as d * (s * S), s * S exact: one rounding
+fewer than (d * S) * s, within the tests' tolerance of this reference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .limits import DispatchLimitError, check_matvec_max_m
-from .packing import ACTIVATION_BLOCK, TILE_BLOCK_BYTES, TILE_ROWS, check_group_size, unpack_nibbles, untile_weights
+from .packing import (
+    ACTIVATION_BLOCK,
+    TILE_BLOCK_BYTES,
+    TILE_ROWS,
+    check_group_size,
+    is_symmetric,
+    unpack_nibbles,
+    untile_weights,
+)
 
 __all__ = ["check_w4a8_args", "quantize_activation_blocks", "w4a8_reference"]
 
@@ -42,7 +52,7 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     _expect(zero.dtype == torch.int8, "zero", "int8", zero.dtype)
     for arg, t, shape in (("self", x, "[M, K]"), ("qdata", qdata, "[N/32, 16*K]"),
                           ("scale", scale, "[N/32, 32*K/group_size]"),
-                          ("zero", zero, "[N/32, 32*K/group_size] or [N/32, 32]")):
+                          ("zero", zero, "[N/32, 32*K/group_size], [N/32, 32] or [N/32, 1]")):
         _expect(t.dim() == 2, arg, f"2-D {shape}", f"shape {tuple(t.shape)}")
     m, k = x.shape
     _expect(not statically_known_true(k < ACTIVATION_BLOCK), "self", f"[M, K] with K >= {ACTIVATION_BLOCK}",
@@ -64,9 +74,10 @@ def check_w4a8_args(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, z
     groups = (tiles, k // group_size * TILE_ROWS)
     _expect(tuple(scale.shape) == groups, "scale", f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = "
             f"{list(groups)} (tiled)", f"shape {tuple(scale.shape)}")
-    _expect(tuple(zero.shape) in (groups, (tiles, TILE_ROWS)), "zero",
-            f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = {list(groups)} (tiled, one zero point per group) or "
-            f"[N/{TILE_ROWS}, {TILE_ROWS}] = {[tiles, TILE_ROWS]} (one per row)", f"shape {tuple(zero.shape)}")
+    _expect(tuple(zero.shape) in (groups, (tiles, TILE_ROWS), (tiles, 1)), "zero",
+            f"[N/{TILE_ROWS}, {TILE_ROWS}*K/group_size] = {list(groups)} (tiled, one zero point per group), "
+            f"[N/{TILE_ROWS}, {TILE_ROWS}] = {[tiles, TILE_ROWS]} (one per row) or [N/{TILE_ROWS}, 1] = "
+            f"{[tiles, 1]} (symmetric)", f"shape {tuple(zero.shape)}")
     if max_m is None:
         return
     try:
@@ -103,6 +114,9 @@ def w4a8_reference(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
                    group_size: int) -> torch.Tensor:
     """``y = x2d @ W^T`` with W4A8 numerics; arguments in the op's tiled format, bfloat16 [M, N] out."""
     check_w4a8_args(x2d, qdata, scale, zero, group_size)
+    if is_symmetric(zero) and not bool((zero == 8).all()):
+        raise ValueError(f"et_int4_plain_mm: zero of the symmetric layout [N/32, 1] must be 8 in every entry, got "
+                         f"values in [{int(zero.min())}, {int(zero.max())}]; re-export (pack_int4 writes it)")
     m, k = x2d.shape
     qdata, scale, zero = untile_weights(qdata, scale, zero)
     n = qdata.shape[0]

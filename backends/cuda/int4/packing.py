@@ -29,6 +29,7 @@ __all__ = [
     "ACTIVATION_BLOCK",
     "TILE_BLOCK_BYTES",
     "TILE_ROWS",
+    "SYMMETRIC_ZERO",
     "PackedInt4",
     "check_group_size",
     "is_symmetric",
@@ -44,7 +45,8 @@ __all__ = [
 
 _aten = torch.ops.aten
 INT4_MIN, INT4_MAX = -8, 7
-_OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]; also the symmetric zero point
+_OFFSET = 8  # q + 8 maps [-8, 7] onto the unsigned nibble range [0, 15]
+SYMMETRIC_ZERO = _OFFSET  # every entry of symmetric weights' zero tensor: zero point 0 (C++: kSymmetricZero)
 # Scales of the symmetric layout stay below this in magnitude: its kernels form s * 1.5 * 2^19 in fp32.
 _SYMMETRIC_MAX_SCALE = 2.0**100
 # The kernels quantize activations in blocks of 32 (C++: kBlockK) and need whole blocks per group.
@@ -161,7 +163,7 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 def symmetric_zero(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The zero tensor of symmetric weights with N rows: int8 [N/32, 1], 8 in every entry."""
-    return torch.full((n // TILE_ROWS, 1), _OFFSET, dtype=torch.int8, device=device)
+    return torch.full((n // TILE_ROWS, 1), SYMMETRIC_ZERO, dtype=torch.int8, device=device)
 
 
 def is_symmetric(zero: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .limits import DispatchLimitError, check_matvec_max_m
 from .packing import (
     ACTIVATION_BLOCK,
+    SYMMETRIC_ZERO,
     TILE_BLOCK_BYTES,
     TILE_ROWS,
     check_group_size,
@@ -114,9 +115,10 @@ def w4a8_reference(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
                    group_size: int) -> torch.Tensor:
     """``y = x2d @ W^T`` with W4A8 numerics; arguments in the op's tiled format, bfloat16 [M, N] out."""
     check_w4a8_args(x2d, qdata, scale, zero, group_size)
-    if is_symmetric(zero) and not bool((zero == 8).all()):
-        raise ValueError(f"et_int4_plain_mm: zero of the symmetric layout [N/32, 1] must be 8 in every entry, got "
-                         f"values in [{int(zero.min())}, {int(zero.max())}]; re-export (pack_int4 writes it)")
+    if is_symmetric(zero) and not bool((zero == SYMMETRIC_ZERO).all()):
+        raise ValueError(f"et_int4_plain_mm: zero of the symmetric layout [N/32, 1] must be {SYMMETRIC_ZERO} in "
+                         f"every entry, got values in [{int(zero.min())}, {int(zero.max())}]; re-export (pack_int4 "
+                         f"writes it)")
     m, k = x2d.shape
     qdata, scale, zero = untile_weights(qdata, scale, zero)
     n = qdata.shape[0]
